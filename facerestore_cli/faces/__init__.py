@@ -1,0 +1,17 @@
+"""Faces: detection with five landmarks, FFHQ alignment to square crops, seamless paste-back."""
+
+from .align import FFHQ_TEMPLATE_512, estimate_affine, face_template, paste_faces, scale_affine, warp_faces
+from .detector import Detector, DetectorUnavailable, Face, build_detector
+
+__all__ = [
+    "FFHQ_TEMPLATE_512",
+    "Detector",
+    "DetectorUnavailable",
+    "Face",
+    "build_detector",
+    "estimate_affine",
+    "face_template",
+    "paste_faces",
+    "scale_affine",
+    "warp_faces",
+]

@@ -1,0 +1,504 @@
+"""One-step latent diffusion restorer in OSEDiff form.
+
+    x (Bx3xHxW, [-1, 1]) --VAE encoder--> z --UNet at one fixed timestep--> z0 --VAE decoder--> x'
+
+The degraded image's latent is treated as the noisy latent at timestep `config.timestep`; the
+UNet's prediction is converted to the clean latent with the diffusion formula for its
+`prediction_type`. LoRA (peft) can be put on the UNet and on the VAE *encoder* only, as OSEDiff
+does: the decoder must keep producing the base model's image distribution.
+
+On-disk layout (`save_pretrained`) mirrors a diffusers Stable Diffusion folder so SD-derived
+weights drop in::
+
+    restorer_config.json  vae/  unet/  scheduler/  prompt_embeds.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .configs import RestorerConfig, get_config
+
+__all__ = [
+    "CONFIG_FILE",
+    "LORA_FORMAT",
+    "LoraMismatchError",
+    "OneStepRestorer",
+    "PROMPT_FILE",
+    "architecture_fingerprint",
+    "count_parameters",
+    "read_lora_metadata",
+    "unet_lora_target_groups",
+    "vae_encoder_lora_targets",
+]
+
+CONFIG_FILE = "restorer_config.json"
+PROMPT_FILE = "prompt_embeds.safetensors"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LORA_FORMAT = "facerestore-lora/1"
+_LORA_META_KEY = "facerestore_lora"
+
+# Substrings OSEDiff greps for when choosing LoRA targets (train_osediff / osediff.py).
+_UNET_LORA_PATTERNS = (
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
+)  # fmt: skip
+_VAE_LORA_PATTERNS = (
+    "conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0",
+)  # fmt: skip
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file does not fit the model it is loaded into."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _lora_candidate_modules(model: nn.Module) -> Iterable[str]:
+    """Names of the plain Linear/Conv2d layers of `model`, seen through any peft wrapping."""
+    for name, module in model.named_modules():
+        if ".lora_" in name or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if name.endswith(".base_layer"):
+            name = name[: -len(".base_layer")]
+        if "norm" in name:  # OSEDiff skips every *norm* parameter
+            continue
+        yield name
+
+
+def unet_lora_target_groups(unet: nn.Module) -> dict[str, list[str]]:
+    """OSEDiff's UNet LoRA targets, split like its three adapters: encoder / decoder / others.
+
+    A layer is a target when its name contains one of OSEDiff's patterns (every conv, attention
+    projection, proj_in/out and feed-forward layer); down blocks + conv_in form "encoder",
+    up blocks + conv_out "decoder", the rest (mid block) "others".
+    """
+    groups: dict[str, list[str]] = {"encoder": [], "decoder": [], "others": []}
+    for name in _lora_candidate_modules(unet):
+        if not any(p in name for p in _UNET_LORA_PATTERNS):
+            continue
+        if "down_blocks" in name or "conv_in" in name:
+            groups["encoder"].append(name)
+        elif "up_blocks" in name or "conv_out" in name:
+            groups["decoder"].append(name)
+        else:
+            groups["others"].append(name)
+    return groups
+
+
+def vae_encoder_lora_targets(vae: nn.Module) -> list[str]:
+    """OSEDiff's VAE LoRA targets: every conv/attention layer of the encoder plus quant_conv."""
+    targets = []
+    for name in _lora_candidate_modules(vae):
+        in_encoder = name.startswith("encoder.") and any(p in name for p in _VAE_LORA_PATTERNS)
+        if in_encoder or name == "quant_conv":
+            targets.append(name)
+    return targets
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """A diffusers FrozenDict config without bookkeeping keys, JSON-normalised."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def architecture_fingerprint(restorer: OneStepRestorer) -> str:
+    """Hash of the effective vae/unet/scheduler configs + timestep + prompt shape.
+
+    Uses the instantiated modules' full configs (defaults filled in), so a named config and a
+    folder loaded from disk with the same architecture hash the same.
+    """
+    import hashlib
+
+    arch = {
+        "vae": _plain_config(restorer.vae.config),
+        "unet": _plain_config(restorer.unet.config),
+        "scheduler": _plain_config(restorer.scheduler.config),
+        "timestep": restorer.config.timestep,
+        "prompt": list(restorer.prompt_embeds.shape[1:]),
+    }
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_folder(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+# ------------------------------------------------------------------------------------ model
+class OneStepRestorer(nn.Module):
+    """VAE encoder -> one UNet step at a fixed timestep -> VAE decoder, on [-1, 1] images."""
+
+    def __init__(
+        self,
+        config: RestorerConfig,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        prompt_embeds: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vae = vae
+        self.unet = unet
+        self.scheduler = scheduler
+        if prompt_embeds is None:
+            # Unit scale like a layer-normed text-encoder output, which cross-attention expects.
+            prompt_embeds = torch.randn(1, config.prompt_tokens, config.cross_attention_dim)
+        if prompt_embeds.dim() == 2:
+            prompt_embeds = prompt_embeds[None]
+        self._check_prompt_shape(prompt_embeds)
+        self.prompt_embeds = nn.Parameter(prompt_embeds.detach().clone())
+        #: OSEDiff samples the VAE posterior while training; inference uses its mode (deterministic).
+        self.sample_posterior = False
+        #: adapter name -> {"part", "rank", "alpha", "targets"} for every LoRA adapter added.
+        self.lora_adapters: dict[str, dict[str, Any]] = {}
+        #: base modules trained in full next to LoRA (OSEDiff trains unet.conv_in); saved by save_lora.
+        self.full_trained_modules: list[str] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: RestorerConfig | str) -> OneStepRestorer:
+        """Randomly initialised model of a named or given config."""
+        cfg = get_config(config)
+        vae = AutoencoderKL(**cfg.vae)
+        unet = UNet2DConditionModel(**cfg.unet)
+        scheduler = DDPMScheduler(**cfg.scheduler)
+        return cls(cfg, vae, unet, scheduler)
+
+    def _check_prompt_shape(self, prompt_embeds: Tensor) -> None:
+        want = (1, self.config.prompt_tokens, self.config.cross_attention_dim)
+        if tuple(prompt_embeds.shape) != want:
+            raise ValueError(f"prompt_embeds shape {tuple(prompt_embeds.shape)} != expected {want}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeds.dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (VAE factor x UNet downsampling)."""
+        unet_levels = len(self.unet.config.block_out_channels) - 1
+        return self.config.vae_scale_factor * 2**unet_levels
+
+    # ------------------------------------------------------------------ the restoration step
+    def encode(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Image in [-1, 1] -> scaled latent (posterior mode, or a sample when training)."""
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        use_sample = self.sample_posterior if sample is None else sample
+        z = dist.sample(generator) if use_sample else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def unet_output(self, z_t: Tensor, timestep: int | Tensor | None = None) -> Tensor:
+        """Raw UNet prediction (epsilon / v / x0 depending on the config) for latents z_t."""
+        t = self._timesteps(z_t.shape[0], timestep, z_t.device)
+        context = self.prompt_embeds.expand(z_t.shape[0], -1, -1).to(self.unet.dtype)
+        return self.unet(z_t.to(self.unet.dtype), t, encoder_hidden_states=context).sample
+
+    def denoise_latent(self, z: Tensor, timestep: int | Tensor | None = None) -> Tensor:
+        """One UNet step: degraded latent (read as z_t at the fixed timestep) -> clean latent."""
+        t = self._timesteps(z.shape[0], timestep, z.device)
+        return self.predict_x0(z, t, self.unet_output(z, t))
+
+    def predict_x0(self, z_t: Tensor, t: int | Tensor, model_out: Tensor) -> Tensor:
+        """Clean latent from the UNet output at timestep(s) t, for any prediction_type.
+
+        With a = alphas_cumprod[t] and z_t = sqrt(a) x0 + sqrt(1 - a) eps:
+          epsilon:      x0 = (z_t - sqrt(1 - a) eps) / sqrt(a)
+          v_prediction: x0 = sqrt(a) z_t - sqrt(1 - a) v       (v = sqrt(a) eps - sqrt(1 - a) x0)
+          sample:       x0 = model_out
+        """
+        kind = self.config.prediction_type
+        if kind == "sample":
+            return model_out
+        a = self._alpha_bar(t, z_t.shape[0], z_t.device)
+        zf, of = z_t.float(), model_out.float()
+        if kind == "epsilon":
+            x0 = (zf - (1 - a).sqrt() * of) / a.sqrt()
+        elif kind == "v_prediction":
+            x0 = a.sqrt() * zf - (1 - a).sqrt() * of
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        return x0.to(model_out.dtype)
+
+    def decode(self, z0: Tensor, clamp: bool = True) -> Tensor:
+        """Scaled clean latent -> image; clamped to [-1, 1] unless a loss wants the raw output."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = z0 / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z.to(self.vae.dtype)).sample
+        return x.clamp(-1, 1) if clamp else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Restore Bx3xHxW images in [-1, 1]; sides are reflect-padded to `size_multiple` and cropped back."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected Bx3xHxW input, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        x = self._pad(x)
+        out = self.decode(self.denoise_latent(self.encode(x)))
+        return out[..., :h, :w]
+
+    def _pad(self, x: Tensor) -> Tensor:
+        m = self.size_multiple
+        ph, pw = (-x.shape[-2]) % m, (-x.shape[-1]) % m
+        if not (ph or pw):
+            return x
+        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+        return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def _timesteps(self, batch: int, timestep: int | Tensor | None, device: torch.device) -> Tensor:
+        t = self.config.timestep if timestep is None else timestep
+        t = torch.as_tensor(t, device=device, dtype=torch.long)
+        return t.expand(batch) if t.dim() == 0 else t
+
+    def _alpha_bar(self, t: int | Tensor, batch: int, device: torch.device) -> Tensor:
+        """alphas_cumprod[t] in float32 shaped Bx1x1x1 (kept float32 even for fp16 models)."""
+        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu()
+        a = self.scheduler.alphas_cumprod.float()[t].to(device)
+        return a.expand(batch).reshape(-1, 1, 1, 1) if a.numel() == 1 else a.reshape(-1, 1, 1, 1)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the diffusers-style folder; `dtype` casts the saved weights only (e.g. fp16)."""
+        if self.lora_adapters:
+            raise RuntimeError("model has unmerged LoRA adapters: call merge_lora() first, or save_lora()")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        for name, module in (("vae", self.vae), ("unet", self.unet)):
+            sub = out / name
+            module.save_config(sub)
+            save_file(_cast_state(module.state_dict(), dtype), str(sub / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.scheduler.save_config(out / "scheduler")
+        prompt = self.prompt_embeds.detach().to(dtype or self.prompt_embeds.dtype).cpu().contiguous()
+        save_file({"prompt_embeds": prompt}, str(out / PROMPT_FILE))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> OneStepRestorer:
+        """Load a `save_pretrained` folder; a Stable Diffusion 2.1 folder is routed to `upstream`."""
+        root = Path(directory)
+        _check_folder(root, "model folder")
+        if not (root / CONFIG_FILE).is_file():
+            if (root / "unet").is_dir() and (root / "vae").is_dir():
+                from .upstream import load_sd21_folder
+
+                return load_sd21_folder(root, torch_dtype=torch_dtype, device=device)
+            raise FileNotFoundError(f"{root} is not a restorer folder (no {CONFIG_FILE}, no vae/ + unet/)")
+        config = RestorerConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+        for part in ("vae", "unet", "scheduler", PROMPT_FILE):
+            _check_folder(root / part, f"'{part}' of restorer folder")
+        kw: dict[str, Any] = {"local_files_only": True}
+        if torch_dtype is not None:
+            kw["torch_dtype"] = torch_dtype
+        vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
+        scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+        prompt = load_file(str(root / PROMPT_FILE))["prompt_embeds"].float()
+        model = cls(config, vae, unet, scheduler, prompt)
+        return model.to(device=device, dtype=torch_dtype or vae.dtype).eval()
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(
+        self,
+        rank_unet: int | None = None,
+        rank_vae: int | None = None,
+        adapter_name: str = "default",
+        alpha: float | None = None,
+        train_conv_in: bool = False,
+    ) -> None:
+        """Add a LoRA adapter to the UNet and the VAE encoder (rank 0 skips a part).
+
+        Ranks default to the config's; `alpha` to `config.lora_alpha` (scale = alpha / rank).
+        `train_conv_in` marks unet.conv_in for full training, as OSEDiff does; it is then saved
+        by `save_lora` alongside the LoRA weights.
+        """
+        rank_unet = self.config.lora_rank_unet if rank_unet is None else rank_unet
+        rank_vae = self.config.lora_rank_vae if rank_vae is None else rank_vae
+        alpha = self.config.lora_alpha if alpha is None else alpha
+        if rank_unet > 0:
+            targets = [n for group in unet_lora_target_groups(self.unet).values() for n in group]
+            self._add_adapter("unet", adapter_name, rank_unet, alpha, targets)
+        if rank_vae > 0:
+            self._add_adapter("vae", adapter_name, rank_vae, alpha, vae_encoder_lora_targets(self.vae))
+        if train_conv_in and "unet.conv_in" not in self.full_trained_modules:
+            self.full_trained_modules.append("unet.conv_in")
+
+    def _add_adapter(self, part: str, name: str, rank: int, alpha: float, targets: list[str]) -> None:
+        """Inject one peft LoRA adapter into self.<part> and keep every adapter of it active."""
+        from peft import LoraConfig
+
+        key = f"{part}:{name}"
+        if key in self.lora_adapters:
+            raise ValueError(f"LoRA adapter {name!r} already exists on the {part}")
+        if not targets:
+            raise ValueError(f"no LoRA target layers found in the {part}")
+        module = getattr(self, part)
+        # OSEDiff initialises with "gaussian": A ~ N(0, 1/r), B = 0, so the model starts unchanged.
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+        with warnings.catch_warnings():  # peft warns on every adapter after the first; several are intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            module.add_adapter(cfg, adapter_name=name)
+        self.lora_adapters[key] = {"part": part, "name": name, "rank": rank, "alpha": alpha, "targets": list(targets)}
+        module.set_adapter(self._adapter_names(part))
+
+    def _adapter_names(self, part: str) -> list[str]:
+        return [info["name"] for info in self.lora_adapters.values() if info["part"] == part]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights (plus fully trained base modules such as conv_in, if marked) for an optimizer."""
+        params = [p for n, p in self.named_parameters() if ".lora_" in n]
+        return params + [p for _, p in self._full_trained_params()]
+
+    def freeze_base(self) -> None:
+        """Train only the LoRA weights (and full-trained modules): everything else stops needing grads."""
+        self.requires_grad_(False)
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+
+    def _full_trained_params(self) -> list[tuple[str, nn.Parameter]]:
+        prefixes = tuple(m + "." for m in self.full_trained_modules)
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(prefixes) and ".lora_" not in n]
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """LoRA (and full-trained) weights keyed `<part>.<module>.lora_A.<adapter>.weight`."""
+        state = {}
+        for part in ("unet", "vae"):
+            for n, t in getattr(self, part).state_dict().items():
+                if ".lora_" in n:
+                    state[f"{part}.{n}"] = t
+        for n, p in self._full_trained_params():
+            state[n] = p.data
+        return state
+
+    def save_lora(self, path: str | Path) -> Path:
+        """One safetensors file; the JSON metadata (ranks, targets, config) lives in its header."""
+        if not self.lora_adapters:
+            raise RuntimeError("model has no LoRA adapters to save (call add_lora first)")
+        meta = {
+            "format": LORA_FORMAT,
+            "config_name": self.config.name,
+            "fingerprint": architecture_fingerprint(self),
+            "rank_unet": self._rank_of("unet"),
+            "rank_vae": self._rank_of("vae"),
+            "adapters": list(self.lora_adapters.values()),
+            "full_trained_modules": list(self.full_trained_modules),
+        }
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()}
+        save_file(tensors, str(out), metadata={_LORA_META_KEY: json.dumps(meta)})
+        return out
+
+    def _rank_of(self, part: str) -> int:
+        return max((i["rank"] for i in self.lora_adapters.values() if i["part"] == part), default=0)
+
+    def load_lora(self, path: str | Path) -> None:
+        """Add the adapters described in a `save_lora` file and load their weights.
+
+        Raises LoraMismatchError when the file was made for another config or architecture.
+        """
+        src = Path(path)
+        _check_folder(src, "LoRA file")
+        meta = read_lora_metadata(src)
+        self._check_lora_meta(meta, src)
+        for info in meta["adapters"]:
+            key = f"{info['part']}:{info['name']}"
+            if key in self.lora_adapters:
+                have = self.lora_adapters[key]
+                if have["targets"] != info["targets"] or have["rank"] != info["rank"]:
+                    raise LoraMismatchError(f"{src}: adapter {key} exists with different rank/targets")
+                continue
+            self._add_adapter(info["part"], info["name"], int(info["rank"]), float(info["alpha"]), info["targets"])
+        for m in meta.get("full_trained_modules", []):
+            if m not in self.full_trained_modules:
+                self.full_trained_modules.append(m)
+        self._copy_weights(load_file(str(src)), src)
+
+    def _check_lora_meta(self, meta: dict[str, Any], src: Path) -> None:
+        if meta.get("config_name") != self.config.name:
+            raise LoraMismatchError(
+                f"{src} was made for config '{meta.get('config_name')}', this model is '{self.config.name}'"
+            )
+        if meta.get("fingerprint") != architecture_fingerprint(self):
+            raise LoraMismatchError(
+                f"{src} was made for a different '{self.config.name}' architecture (fingerprint mismatch)"
+            )
+
+    def _copy_weights(self, tensors: dict[str, Tensor], src: Path) -> None:
+        own = dict(self.named_parameters())
+        wanted = {n for n in own if ".lora_" in n} | {n for n, _ in self._full_trained_params()}
+        missing = sorted(wanted - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise LoraMismatchError(
+                f"{src}: {len(missing)} missing / {len(unexpected)} unexpected tensors "
+                f"(e.g. {(missing or unexpected)[0]})"
+            )
+        with torch.no_grad():
+            for n, t in tensors.items():
+                if own[n].shape != t.shape:
+                    raise LoraMismatchError(f"{src}: {n} has shape {tuple(t.shape)}, model {tuple(own[n].shape)}")
+                own[n].copy_(t.to(own[n].dtype))
+
+    def merge_lora(self) -> None:
+        """Fuse every adapter into the base weights and drop the peft wrappers (zero inference cost)."""
+        for part in ("unet", "vae"):
+            names = self._adapter_names(part)
+            if not names:
+                continue
+            module = getattr(self, part)
+            module.fuse_lora(adapter_names=names)
+            module.unload_lora()
+        self.lora_adapters.clear()
+        self.full_trained_modules.clear()
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a `save_lora` file (clear error for anything else)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_LORA_META_KEY)
+    except Exception as exc:  # safetensors raises its own error types for non-safetensors input
+        raise LoraMismatchError(f"{path} is not a safetensors file: {exc}") from None
+    if raw is None:
+        raise LoraMismatchError(f"{path} is not a facerestore LoRA file (no '{_LORA_META_KEY}' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != LORA_FORMAT:
+        raise LoraMismatchError(f"{path}: unsupported LoRA format {meta.get('format')!r}")
+    return meta
+
+
+def _cast_state(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Detached contiguous CPU copies, floating tensors cast to `dtype` when given."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.cpu().contiguous()
+    return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (for reports)."""
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,312 @@
+"""The restore loop: files in, restored files out, with a summary and per-file errors.
+
+`FaceRestorer` works on frames (detect -> align -> restore in batches -> paste back); `run_restore`
+walks the user's inputs, reads and writes media, keeps going past bad files and counts what
+happened. The CLI only parses options and shows progress.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import WEIGHTS_DIR
+from .faces.align import estimate_affine, paste_faces, scale_affine, warp_faces
+from .faces.detector import Detector, Face, build_detector
+from .media import (
+    InputItem,
+    LoadedImage,
+    MediaError,
+    VideoWriter,
+    check_outdir,
+    discover_inputs,
+    output_path_for,
+    probe_video,
+    read_image,
+    read_video_frames,
+    resize_image,
+    write_image,
+)
+from .models.restorer import OneStepRestorer
+
+DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without it is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible to torch")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    return DTYPES[precision]
+
+
+def load_restorer(model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype) -> OneStepRestorer:
+    """Load the restorer folder (bundled default when None), apply and merge an optional LoRA."""
+    path = Path(model) if model else DEFAULT_MODEL
+    if not (path / "restorer_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a restorer folder (no restorer_config.json)")
+    restorer = OneStepRestorer.from_pretrained(path, torch_dtype=torch.float32)
+    if lora:
+        restorer.load_lora(lora)
+        restorer.merge_lora()
+    return restorer.to(device=device, dtype=dtype).eval()
+
+
+def to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2)
+    return (x.to(dtype) / 127.5 - 1).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return list(x.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
+    """The face whose box centre is nearest the image centre (GFPGAN's --only_center_face)."""
+    if len(faces) <= 1:
+        return faces
+    c = np.array([shape[1] / 2, shape[0] / 2])
+    return [min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - c)))]
+
+
+@dataclass
+class FrameResult:
+    """One restored frame and its faces (aligned inputs and restorations, for --save-faces)."""
+
+    image: np.ndarray
+    crops: list[np.ndarray]
+    restored: list[np.ndarray]
+    found: int
+
+
+class FaceRestorer:
+    """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames."""
+
+    def __init__(self, model: OneStepRestorer, detector: Detector, device: torch.device, dtype: torch.dtype, batch_size: int = 4):
+        self.model, self.detector = model, detector
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.face_size = model.config.face_size
+
+    @torch.inference_mode()
+    def restore_crops(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Restore aligned face crops (face_size square), batch_size at a time."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(crops), self.batch_size):
+            out += to_uint8(self.model(to_tensor(crops[i : i + self.batch_size], self.device, self.dtype)))
+        return out
+
+    def restore_aligned(self, image: np.ndarray) -> FrameResult:
+        """An input that is already an aligned face: resize to the model's size and restore."""
+        crop = image if image.shape[:2] == (self.face_size,) * 2 else resize_image(image, size=(self.face_size, self.face_size))
+        restored = self.restore_crops([crop])[0]
+        return FrameResult(restored, [crop], [restored], 1)
+
+    def restore_frames(self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False) -> list[FrameResult]:
+        """Whole frames: every detected face restored in one batch across all frames, then pasted."""
+        detections = self.detector.detect(list(frames))
+        per_frame: list[tuple[list[np.ndarray], list[np.ndarray], int]] = []
+        for frame, faces in zip(frames, detections):
+            kept = center_face(faces, frame.shape) if only_center_face else faces
+            affines = [estimate_affine(f.landmarks, self.face_size) for f in kept]
+            per_frame.append((affines, warp_faces(frame, affines, self.face_size), len(faces)))
+        restored = iter(self.restore_crops([c for _, crops, _ in per_frame for c in crops]))
+        results = []
+        for frame, (affines, crops, found) in zip(frames, per_frame):
+            faces_out = [next(restored) for _ in crops]
+            background = frame if upscale == 1 else resize_image(frame, scale=upscale)
+            image = paste_faces(background, faces_out, [scale_affine(a, upscale) for a in affines]) if crops else background
+            results.append(FrameResult(image, crops, faces_out, found))
+        return results
+
+
+@dataclass
+class RestoreOptions:
+    outdir: Path
+    upscale: float = 1.0
+    only_center_face: bool = False
+    aligned: bool = False
+    save_faces: bool = False
+    compare: bool = False
+    skip_existing: bool = False
+    video_chunk: int = 8
+
+
+@dataclass
+class Summary:
+    """What a run did; printed at the end and turned into the exit code."""
+
+    files: int = 0
+    images: int = 0
+    videos: int = 0
+    frames: int = 0
+    faces_found: int = 0
+    faces_restored: int = 0
+    files_without_faces: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def faces_per_s(self) -> float:
+        return self.faces_restored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class Reporter(Protocol):
+    """How the loop tells its caller what is happening (the CLI draws progress bars from it)."""
+
+    def start(self, total_files: int) -> None: ...
+    def file_started(self, item: InputItem, frames: int | None) -> None: ...
+    def frames_done(self, n: int) -> None: ...
+    def file_done(self, item: InputItem) -> None: ...
+    def error(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total_files: int) -> None: ...
+    def file_started(self, item: InputItem, frames: int | None) -> None: ...
+    def frames_done(self, n: int) -> None: ...
+    def file_done(self, item: InputItem) -> None: ...
+    def error(self, message: str) -> None: ...
+
+
+def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Before | after at the output's size, for --compare."""
+    if before.shape[:2] != after.shape[:2]:
+        before = resize_image(before, size=(after.shape[0], after.shape[1]))
+    return np.concatenate([before, after], axis=1)
+
+
+def _count_faces(summary: Summary, results: Iterable[FrameResult]) -> int:
+    """Add the faces of these frames to the summary; returns how many were found."""
+    found = 0
+    for r in results:
+        found += r.found
+        summary.faces_restored += len(r.restored)
+    summary.faces_found += found
+    return found
+
+
+def _save_extras(engine: FaceRestorer, opts: RestoreOptions, item: InputItem, src: np.ndarray, result: FrameResult, like: LoadedImage) -> None:
+    if opts.save_faces:
+        for i, (crop, face) in enumerate(zip(result.crops, result.restored)):
+            stem = item.rel.with_suffix("")
+            write_image(opts.outdir / "faces" / f"{stem}_{i:02d}.png", np.concatenate([crop, face], axis=1))
+    if opts.compare:
+        write_image(output_path_for(item, opts.outdir / "compare"), side_by_side(src, result.image), like=like)
+
+
+def restore_image(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary) -> None:
+    img = read_image(item.path)
+    if opts.aligned:
+        result = engine.restore_aligned(img.rgb)
+    else:
+        result = engine.restore_frames([img.rgb], opts.upscale, opts.only_center_face)[0]
+    if _count_faces(summary, [result]) == 0:
+        summary.files_without_faces += 1
+    write_image(out, result.image, like=img)
+    _save_extras(engine, opts, item, img.rgb, result, img)
+    summary.images += 1
+
+
+def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterable[list[np.ndarray]]:
+    chunk: list[np.ndarray] = []
+    for f in frames:
+        chunk.append(f)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def restore_video(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter) -> None:
+    info = probe_video(item.path)
+    reporter.file_started(item, info.frame_count)
+    faces_before, frames = summary.faces_found, 0
+    size = (round(info.width * opts.upscale), round(info.height * opts.upscale))
+    with VideoWriter(out, info.fps, size, audio_from=item.path if info.has_audio else None) as writer:
+        for chunk in _chunks(read_video_frames(item.path), opts.video_chunk):
+            results = engine.restore_frames(chunk, opts.upscale, opts.only_center_face)
+            _count_faces(summary, results)
+            for r in results:
+                writer.write(r.image)
+            frames += len(chunk)
+            reporter.frames_done(len(chunk))
+    summary.frames += frames
+    summary.videos += 1
+    if summary.faces_found == faces_before:
+        summary.files_without_faces += 1
+
+
+def _fail(summary: Summary, reporter: Reporter, message: str) -> None:
+    summary.failures.append(message)
+    reporter.error(message)
+
+
+def run_restore(specs: Sequence[str], engine: FaceRestorer, opts: RestoreOptions, reporter: Reporter | None = None) -> Summary:
+    """Restore every input; a bad file is reported and counted, and the rest goes on."""
+    reporter = reporter or SilentReporter()
+    summary, t0 = Summary(), time.perf_counter()
+    items, errors = discover_inputs(specs, exclude=[opts.outdir])
+    for err in errors:
+        _fail(summary, reporter, str(err))
+    try:
+        check_outdir(opts.outdir)
+    except MediaError as err:
+        _fail(summary, reporter, str(err))
+        return summary
+    reporter.start(len(items))
+    for item in items:
+        summary.files += 1
+        try:
+            out = output_path_for(item, opts.outdir)
+            if opts.skip_existing and out.exists():
+                summary.skipped += 1
+            elif item.kind == "video":
+                restore_video(engine, item, out, opts, summary, reporter)
+            else:
+                reporter.file_started(item, None)
+                restore_image(engine, item, out, opts, summary)
+        except MediaError as err:
+            _fail(summary, reporter, str(err))
+        except Exception as err:  # one broken file must not stop a batch of thousands
+            _fail(summary, reporter, f"{item.path}: {type(err).__name__}: {err}")
+        reporter.file_done(item)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def build_engine(
+    model: str | Path | None = None,
+    lora: Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 4,
+    detector: str = "mtcnn",
+    det_threshold: float = 0.7,
+    min_face_size: int = 20,
+) -> FaceRestorer:
+    """Everything `restore` needs loaded once: the restorer and the detector on one device."""
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+    restorer = load_restorer(model, lora, dev, dtype)
+    det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
+    return FaceRestorer(restorer, det, dev, dtype, batch_size)

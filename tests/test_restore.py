@@ -1,0 +1,168 @@
+"""End-to-end restore, as a user runs it: real degraded photos, videos with audio, bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from facerestore_cli.cli import main
+from facerestore_cli.faces import estimate_affine
+from facerestore_cli.media import ffmpeg_exe, probe_video, read_image, read_video_frames
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+
+REAL = "real_lq"
+WHOLE = ["CodeFormer/inputs/whole_imgs/00.jpg", "GFPGAN/inputs/whole_imgs/10045.jpg"]
+RGBA = "CodeFormer/inputs/whole_imgs/02.png"
+GREY = "CodeFormer/inputs/gray_faces/Einstein01.jpg"
+ALIGNED = "CodeFormer/inputs/cropped_faces/0143.jpg"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(2)
+    return build_engine(device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def real(shared_data: Path) -> Path:
+    root = shared_data / REAL
+    if not (root / WHOLE[0]).is_file():
+        pytest.skip(f"{root} lacks the real degraded inputs")
+    return root
+
+
+def footprint(shape: tuple[int, ...], landmarks: list[np.ndarray], face_size: int = 512, grow: int = 3) -> np.ndarray:
+    """Pixels a pasted face may touch: each aligned square mapped back into the image, grown a little."""
+    mask = np.zeros(shape[:2], np.uint8)
+    for lm in landmarks:
+        inv = cv2.invertAffineTransform(estimate_affine(lm, face_size))
+        corners = np.array([[0, 0], [face_size, 0], [face_size, face_size], [0, face_size]], np.float32)
+        pts = corners @ inv[:, :2].T + inv[:, 2]
+        cv2.fillConvexPoly(mask, np.round(pts).astype(np.int32), 1)
+    return cv2.dilate(mask, np.ones((2 * grow + 1,) * 2, np.uint8)) > 0
+
+
+def test_whole_images_faces_restored_background_untouched(engine, real: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in WHOLE:  # lossless copies, so "unchanged" can be checked bit for bit
+        cv2.imwrite(str(src / (Path(name).stem + ".png")), cv2.imread(str(real / name)))
+    summary = run_restore([str(src)], engine, RestoreOptions(tmp_path / "out"))
+    assert summary.ok and summary.images == 2 and summary.faces_restored >= 2
+    for path in sorted(src.iterdir()):
+        before = read_image(path).rgb
+        after = read_image(tmp_path / "out" / path.name).rgb
+        assert after.shape == before.shape
+        faces = engine.detector.detect([before])[0]
+        assert faces, f"no face found in {path.name}"
+        inside = footprint(before.shape, [f.landmarks for f in faces])
+        assert np.array_equal(after[~inside], before[~inside]), "pixels away from faces changed"
+        x1, y1, x2, y2 = faces[0].box.astype(int)
+        change = np.abs(after[y1:y2, x1:x2].astype(int) - before[y1:y2, x1:x2]).mean()
+        assert change > 2.0, f"face in {path.name} barely changed ({change:.2f} grey levels)"
+
+
+def test_alpha_grey_and_aligned_inputs(engine, real: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_restore([str(real / RGBA), str(real / GREY)], engine, RestoreOptions(out))
+    assert summary.ok
+    rgba = read_image(out / "02.png")
+    assert rgba.alpha is not None and np.array_equal(rgba.alpha, read_image(real / RGBA).alpha)
+    grey = cv2.imread(str(out / "Einstein01.jpg"), cv2.IMREAD_UNCHANGED)
+    assert grey.ndim == 2, "a grey photo must stay grey"
+    aligned = run_restore([str(real / ALIGNED)], engine, RestoreOptions(tmp_path / "al", aligned=True))
+    restored = read_image(tmp_path / "al" / "0143.jpg").rgb
+    assert aligned.faces_restored == 1 and restored.shape == (512, 512, 3)
+
+
+def test_no_face_written_through_and_upscaled(engine, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    plain = cv2.GaussianBlur(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), (0, 0), 3)
+    cv2.imwrite(str(tmp_path / "wall.png"), plain)
+    summary = run_restore([str(tmp_path / "wall.png")], engine, RestoreOptions(tmp_path / "out"))
+    assert summary.ok and summary.files_without_faces == 1 and summary.faces_found == 0
+    assert np.array_equal(cv2.imread(str(tmp_path / "out" / "wall.png")), plain)
+    run_restore([str(tmp_path / "wall.png")], engine, RestoreOptions(tmp_path / "up", upscale=2))
+    assert cv2.imread(str(tmp_path / "up" / "wall.png")).shape == (240, 320, 3)
+
+
+def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6) -> None:
+    """A short clip of a real face drifting sideways, with a sine-wave audio track."""
+    h, w = face.shape[:2]
+    lavfi = ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps}"]
+    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *lavfi]
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)]
+    data = b"".join(np.roll(face, 4 * i, axis=1).tobytes() for i in range(frames))
+    subprocess.run(cmd, input=data, check=True)
+
+
+def test_video_keeps_frames_fps_and_audio(engine, real: Path, tmp_path: Path) -> None:
+    face = read_image(real / WHOLE[0]).rgb
+    face = np.ascontiguousarray(face[: face.shape[0] // 2 * 2, : face.shape[1] // 2 * 2])
+    clip = tmp_path / "clip.mp4"
+    make_face_video(clip, face)
+    summary = run_restore([str(clip)], engine, RestoreOptions(tmp_path / "out"))
+    assert summary.ok and summary.videos == 1 and summary.frames == 6
+    assert summary.faces_restored >= 6
+    before, after = probe_video(clip), probe_video(tmp_path / "out" / "clip.mp4")
+    assert after.has_audio and after.fps == before.fps
+    assert len(list(read_video_frames(tmp_path / "out" / "clip.mp4"))) == 6
+    assert abs(after.duration - before.duration) < 0.15
+
+
+def test_cli_bad_inputs_rest_goes_on(real: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(real / WHOLE[0], folder / "sub" / "good.jpg")
+    data = (real / WHOLE[1]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "noframes.mp4").write_bytes(b"\x00" * 64)
+    args = [str(folder), str(tmp_path / "notes.txt"), str(tmp_path / "nothing"), str(tmp_path / "noframes.mp4"), str(tmp_path / "missing.jpg")]
+    result = CliRunner().invoke(main, ["restore", *args, "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert (tmp_path / "out" / "sub" / "good.jpg").is_file(), "the good file must still be restored"
+    for name in ["truncated.jpg", "empty.png", "notes.txt", "nothing", "noframes.mp4", "missing.jpg"]:
+        lines = [line for line in result.output.splitlines() if name in line and "error" in line]
+        assert lines, f"no error line names {name}:\n{result.output}"
+    assert "faces restored" in result.output and "failures" in result.output
+
+
+def test_cli_output_is_a_file_and_inputs_never_overwritten(real: Path, tmp_path: Path) -> None:
+    shutil.copy(real / WHOLE[0], tmp_path / "photo.jpg")
+    original = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "taken"), "--device", "cpu"])
+    assert result.exit_code == 1 and "taken" in result.output
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert (tmp_path / "photo.jpg").read_bytes() == original
+
+
+def test_cli_extras_and_skip_existing(real: Path, tmp_path: Path) -> None:
+    shutil.copy(real / WHOLE[0], tmp_path / "photo.jpg")
+    out = tmp_path / "out"
+    args = ["restore", str(tmp_path / "photo.jpg"), "-o", str(out), "--device", "cpu", "--save-faces", "--compare", "--only-center-face"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    before = read_image(tmp_path / "photo.jpg").rgb
+    assert read_image(out / "compare" / "photo.jpg").rgb.shape == (before.shape[0], 2 * before.shape[1], 3)
+    assert len(list((out / "faces").glob("photo_*.png"))) == 1
+    stamp = (out / "photo.jpg").stat().st_mtime_ns
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "photo.jpg"), "-o", str(out), "--device", "cpu", "--skip-existing"])
+    assert result.exit_code == 0 and (out / "photo.jpg").stat().st_mtime_ns == stamp
+
+
+def test_bundled_model_is_shipped() -> None:
+    assert (DEFAULT_MODEL / "restorer_config.json").is_file()
+    for f in DEFAULT_MODEL.rglob("*"):
+        assert f.stat().st_size < 16 * 2**20, f"{f} is over 16 MiB"

@@ -1,0 +1,118 @@
+"""Training data, degradations and the training loop (checkpoint, resume, time budget)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from facerestore_cli.cli import main
+from facerestore_cli.faces import build_detector
+from facerestore_cli.models import OneStepRestorer
+from facerestore_cli.train.data import AlignedFaces, prepare_faces, read_manifest
+from facerestore_cli.train.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
+from facerestore_cli.train.restorer_training import RestorerTrainConfig, train_restorer
+
+
+def face_batch(n: int = 4, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, size // 8, size // 8, generator=g)
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_degradation_is_seeded_and_degrades() -> None:
+    hq = face_batch()
+    a, pa = Degrader(seed=3)(hq)
+    b, _ = Degrader(seed=3)(hq)
+    c, _ = Degrader(seed=4)(hq)
+    assert a.shape == hq.shape and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b), "the same seed must rebuild the same LQ set"
+    assert not torch.equal(a, c)
+    assert (a - hq).abs().mean() > 0.01
+    assert set(pa.row(0)) >= {"sigma_x", "scale", "noise", "quality"}
+
+
+def test_blur_kernels_normalised_and_anisotropic() -> None:
+    k = gaussian_kernels(torch.tensor([2.0, 2.0]), torch.tensor([2.0, 6.0]), torch.tensor([0.0, 0.5]), 21)
+    assert torch.allclose(k.sum(dim=(1, 2)), torch.ones(2))
+    assert torch.allclose(k[0], k[0].T, atol=1e-6) and not torch.allclose(k[1], k[1].T, atol=1e-4)
+
+
+@pytest.mark.parametrize("quality", [30, 75])
+def test_torch_jpeg_matches_a_real_codec(quality: int) -> None:
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), (96, 96), interpolation=cv2.INTER_CUBIC)
+    ours = jpeg(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, torch.tensor([quality]))
+    ours = ours[0].permute(1, 2, 0).numpy() * 255
+    ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ref = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32)
+    assert np.abs(ours - ref).mean() < 0.5 * np.abs(ref - img).mean() + 0.5
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data: Path, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    files = sorted((shared_data / "faces/train/lfw250").glob("*.jpg"))[:3]
+    for f in files:
+        shutil.copy(f, src / f.name)
+    shutil.copy(files[0], src / "copy_of_first.jpg")  # a duplicate must be dropped
+    cv2.imwrite(str(src / "blank.png"), np.full((64, 64, 3), 128, np.uint8))
+    out = tmp_path_factory.mktemp("prepared")
+    stats = prepare_faces([src], out, build_detector("mtcnn"), face_size=128, min_eye_distance=10)
+    assert stats.files == 5 and stats.duplicates >= 1 and stats.kept >= 3  # LFW photos hold background faces too
+    assert stats.kept == stats.faces - stats.duplicates - stats.too_small - stats.too_blurry
+    return out
+
+
+def test_prepare_faces_writes_aligned_crops_and_manifest(prepared: Path) -> None:
+    rows = read_manifest(prepared)
+    assert len(rows) >= 3 and len({r.dhash for r in rows}) == len(rows)
+    for r in rows:
+        assert cv2.imread(str(prepared / r.file)).shape == (128, 128, 3)
+        assert r.eye_distance > 10 and r.sharpness > 0
+    patches = AlignedFaces([prepared], patch_size=64)
+    assert patches[0].shape == (3, 64, 64) and 0 <= float(patches[0].min()) <= float(patches[0].max()) <= 1
+
+
+def tiny_run_config(data: Path, steps: int) -> RestorerTrainConfig:
+    return RestorerTrainConfig.from_dict(
+        {"data": [str(data)], "steps": steps, "batch_size": 2, "patch_size": 64, "num_workers": 0, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1}
+    )
+
+
+def test_training_checkpoints_resumes_and_exports(prepared: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    first = train_restorer(tiny_run_config(prepared, 2), tmp_path)
+    assert first["finished"] and (tmp_path / "checkpoint" / "model").is_dir()
+    more = train_restorer(tiny_run_config(prepared, 4), tmp_path)
+    assert more["finished"] and more["step"] == 4 and more["steps_this_run"] == 2, "must resume, not restart"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    model = OneStepRestorer.from_pretrained(tmp_path / "final")
+    out = model(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_time_budget_stops_with_a_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    stopped = train_restorer(tiny_run_config(prepared, 50), tmp_path, max_minutes=1e-6)
+    assert not stopped["finished"] and (tmp_path / "checkpoint" / "training_state.pt").is_file()
+    assert not (tmp_path / "final").exists()
+
+
+def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('steps = 3\nlearning_rate = 0.1\n')
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "learning_rate" in result.output
+
+
+def test_shipped_training_config_parses() -> None:
+    cfg = RestorerTrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "train_tiny.toml")
+    assert cfg.model == "tiny" and cfg.degradation.jpeg_quality[0] >= 1
+    assert isinstance(cfg.degradation, DegradationConfig)
