@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
 console = Console(stderr=True)
 
@@ -90,11 +91,13 @@ def main() -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Output folder (input folder structure is kept).")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Restorer folder [default: bundled weights/restorer-tiny].")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].")
+@click.option("--osediff", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.")
 @click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="fp16 needs CUDA.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Faces restored per model call.")
+@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=DEFAULT_COLOR_FIX, show_default=True, help="Keep the input's colours: its low frequencies (wavelet) or its channel statistics (adain).")
 @click.option("--upscale", type=click.FloatRange(1, 8), default=1.0, show_default=True, help="Scale the whole image by this factor.")
 @click.option("--only-center-face", is_flag=True, help="Restore only the face nearest the image centre.")
 @click.option("--aligned", is_flag=True, help="Inputs are already aligned face crops (FFHQ layout).")
@@ -104,7 +107,7 @@ def main() -> None:
 @click.option("--detector", type=click.Choice(["mtcnn", "retinaface"]), default="mtcnn", show_default=True)
 @click.option("--det-threshold", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Face detector confidence threshold.")
 @click.option("--min-face-size", type=click.IntRange(8), default=20, show_default=True, help="Smallest face (pixels) to detect.")
-def restore(inputs, outdir, model, lora, device, precision, batch_size, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size) -> None:
+def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
     \b
@@ -115,7 +118,7 @@ def restore(inputs, outdir, model, lora, device, precision, batch_size, upscale,
     from .pipeline import RestoreOptions, build_engine, run_restore
 
     try:
-        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size)
+        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix)
     except (DetectorUnavailable, FileNotFoundError, ValueError) as err:
         fail(str(err))
     opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing)
@@ -191,6 +194,167 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
         console.print(f"final model: {run_dir / 'final'} (use it with `facerestore restore --model`)")
     else:
         console.print(f"stopped at step {result['step']}; run the same command again to resume")
+
+
+# ------------------------------------------------------------------ test sets and evaluation
+class _Range(click.ParamType):
+    """LO,HI (or one number for both)."""
+
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = [float(v) for v in str(value).split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or parts[0] > parts[1]:
+            self.fail(f"{value!r} is not LO,HI with LO <= HI", param, ctx)
+        return tuple(parts)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Pair folder to write: hq/, lq/, degradations.jsonl.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Master seed (each image's seed derives from it and the file name).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="TOML/JSON with degradation ranges (top level or a [degradation] table, e.g. a training config).")
+@click.option("--blur-sigma", type=_Range(), help="Gaussian blur sigma range (pixels of the HQ crop).")
+@click.option("--downsample", type=_Range(), help="Downsampling factor range.")
+@click.option("--noise", type=_Range(), help="Gaussian noise sigma range (of 255).")
+@click.option("--jpeg-quality", type=_Range(), help="JPEG quality range.")
+@click.option("--size", type=click.IntRange(16), default=None, help="Resize HQ crops to SIZE x SIZE first (the ranges assume 512).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N crops.")
+def degrade(src, outdir, seed, config_path, blur_sigma, downsample, noise, jpeg_quality, size, limit) -> None:
+    """Degrade aligned HQ face crops in SRC (a folder or a prepare-data manifest) into a test set.
+
+    \b
+    Example:
+      facerestore prepare-data ../shared/data/faces/val -o data/val_faces
+      facerestore degrade data/val_faces -o data/val_pairs --seed 123 --blur-sigma 0.5,4
+    """
+    from dataclasses import replace
+
+    from .evaluate import EvalInputError, degrade_folder, load_degradation_config, source_images
+    from .train.degrade import DegradationConfig
+
+    try:
+        cfg = load_degradation_config(config_path) if config_path else DegradationConfig()
+        given = {"blur_sigma": blur_sigma, "downsample": downsample, "noise_sigma": noise, "jpeg_quality": jpeg_quality}
+        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        total = len(source_images(src))
+        with _progress() as progress:
+            task = progress.add_task("degrading", total=min(total, limit or total))
+            summary = degrade_folder(src, outdir, cfg, seed, size, limit, on_image=lambda _: progress.advance(task))
+    except EvalInputError as err:
+        fail(str(err))
+    for name in summary.unreadable:
+        console.print(f"[red]error:[/red] {name}: unreadable image, skipped", highlight=False)
+    console.print(f"{summary.images} pairs in {outdir} ({summary.seconds:.1f} s); parameters per image in {outdir / 'degradations.jsonl'}")
+    if summary.images == 0:
+        fail(f"no readable images in {src}")
+
+
+def _metric_table(result) -> Table:
+    table = Table(title=f"{result.source}: {result.images} image(s)")
+    table.add_column("method")
+    for m in result.metrics:
+        table.add_column(f"{m.name} {'↓' if m.lower_better else '↑'}", justify="right")
+    table.add_column("s / image", justify="right")
+    best = {}
+    for m in result.metrics:
+        vals = [(v, k) for k, row in result.table.items() if k != "ground_truth" and (v := row.get(m.name)) is not None and v == v]
+        if vals:
+            best[m.name] = (min if m.lower_better else max)(vals)[1]
+    for method in result.methods:
+        row = result.table[method]
+        cells = []
+        for m in result.metrics:
+            v = row.get(m.name)
+            text = "" if v is None else ("n/a" if v != v else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+            cells.append(f"[bold]{text}[/bold]" if best.get(m.name) == method else text)
+        secs = result.seconds_per_image.get(method)
+        table.add_row(method, *cells, "" if secs is None else f"{secs:.3f}")
+    return table
+
+
+@main.command("eval")
+@click.option("--pairs", type=click.Path(path_type=Path), default=None, help="Pair folder with lq/ and hq/ (from `facerestore degrade`).")
+@click.option("--lq", "lq_dir", type=click.Path(path_type=Path), default=None, help="Folder of LQ aligned crops without ground truth (no-reference metrics only).")
+@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Restorer folder; repeat to compare several [default: bundled weights/restorer-tiny].")
+@click.option("--baselines-only", is_flag=True, help="Score only the baselines (input, bicubic_unsharp).")
+@click.option("--metrics", default="all", show_default=True, help="Comma-separated metric names (see --list-metrics).")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG grid: input | baseline | restored | ground truth.")
+@click.option("--grid-rows", type=click.IntRange(1), default=6, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the table, reasons and per-image scores as JSON.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=DEFAULT_COLOR_FIX, show_default=True, help="Colour fix after the restorer (as `restore` applies it).")
+@click.option("--size", type=click.IntRange(16), default=None, help="Restore and score at SIZE x SIZE [default: the ground truth's size].")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
+@click.option("--list-metrics", is_flag=True, help="List every metric, whether it can run here and why not, then exit.")
+def evaluate_cmd(pairs, lq_dir, models, baselines_only, metrics, grid, grid_rows, json_path, device, precision, batch_size, color_fix, size, limit, list_metrics) -> None:
+    """Restore degraded faces with each --model and baselines, and score them with quality metrics.
+
+    \b
+    Example:
+      facerestore eval --pairs data/val_pairs --model runs/tiny/final --grid grid.png --json scores.json
+    """
+    import json
+
+    out = Console()
+    if not out.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        out = Console(width=200)
+    if list_metrics:
+        from .metrics import list_metrics as names, metric_info
+
+        table = Table(title="metrics")
+        for col in ("name", "kind", "better", "here", "what"):
+            table.add_column(col)
+        for n in names():
+            i = metric_info(n)
+            table.add_row(i.name, i.kind, "lower" if i.lower_better else "higher", "yes" if i.available else f"no: {i.unavailable_reason}", i.description)
+        out.print(table)
+        return
+    from .evaluate import EvalInputError, evaluate
+    from .pipeline import DEFAULT_MODEL, resolve_device, resolve_dtype
+
+    if (pairs is None) == (lq_dir is None):
+        fail("give exactly one of --pairs DIR or --lq DIR")
+    if baselines_only and models:
+        fail("--baselines-only and --model exclude each other")
+    wanted = None if metrics.strip().lower() == "all" else [m for m in metrics.split(",") if m.strip()]
+    try:
+        dev = resolve_device(device)
+        dtype = resolve_dtype(precision, dev)
+        chosen = [] if baselines_only else list(models) or [DEFAULT_MODEL]
+        with _progress() as progress:
+            task = progress.add_task("evaluating", total=None)
+            result = evaluate(
+                pairs=pairs, lq=lq_dir, models=chosen, metrics=wanted, device=dev, dtype=dtype, batch_size=batch_size, color_fix=color_fix, size=size,
+                grid=grid, grid_rows=grid_rows, limit=limit,
+                on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
+            )  # fmt: skip
+    except (EvalInputError, ValueError) as err:
+        fail(str(err))
+    out.print(_metric_table(result))
+    for m in result.metrics:
+        if any(result.counts[k].get(m.name, 1) == 0 for k in result.methods):
+            out.print(f"n/a: {m.name} could not be computed for those images ({m.description})", highlight=False, soft_wrap=True)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in {**result.unavailable, **result.skipped}.items():
+        by_reason.setdefault(reason, []).append(name)
+    if by_reason:
+        out.print("not computed: " + "; ".join(f"{', '.join(n)}: {r}" for r, n in by_reason.items()), highlight=False, soft_wrap=True)
+    if result.grid:
+        out.print(f"grid: {result.grid}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        out.print(f"json: {json_path}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 import re
 import subprocess
 import tempfile
@@ -289,6 +290,19 @@ def _unlink_quietly(path: Path | None) -> None:
     if path is not None:
         with suppress(FileNotFoundError):
             path.unlink()
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    """Copy bytes unchanged (an image without faces is passed through, not re-encoded), atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path_for(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        _publish(tmp, dst)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return dst
 
 
 # --------------------------------------------------------------------------------------

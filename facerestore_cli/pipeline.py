@@ -24,6 +24,7 @@ from .media import (
     MediaError,
     VideoWriter,
     check_outdir,
+    copy_file,
     discover_inputs,
     output_path_for,
     probe_video,
@@ -32,6 +33,8 @@ from .media import (
     resize_image,
     write_image,
 )
+from .models.color import DEFAULT_COLOR_FIX
+from .models.inference import restore_crops
 from .models.restorer import OneStepRestorer
 
 DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
@@ -53,26 +56,24 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
-def load_restorer(model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype) -> OneStepRestorer:
-    """Load the restorer folder (bundled default when None), apply and merge an optional LoRA."""
-    path = Path(model) if model else DEFAULT_MODEL
-    if not (path / "restorer_config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a restorer folder (no restorer_config.json)")
-    restorer = OneStepRestorer.from_pretrained(path, torch_dtype=torch.float32)
+def load_restorer(
+    model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype, osediff: Path | None = None
+) -> OneStepRestorer:
+    """Load the restorer (bundled default when None) and merge an optional LoRA.
+
+    `model` is a restorer folder (`save_pretrained`), or a Stable Diffusion 2.1-base diffusers
+    folder, optionally with upstream OSEDiff LoRA weights (`osediff`, their .pkl).
+    """
+    from .models.upstream import load_osediff_checkpoint
+
+    restorer = OneStepRestorer.from_pretrained(Path(model) if model else DEFAULT_MODEL, torch_dtype=torch.float32)
+    if osediff:
+        load_osediff_checkpoint(restorer, osediff)
+        restorer.merge_lora()
     if lora:
         restorer.load_lora(lora)
         restorer.merge_lora()
     return restorer.to(device=device, dtype=dtype).eval()
-
-
-def to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2)
-    return (x.to(dtype) / 127.5 - 1).contiguous()
-
-
-def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
@@ -96,18 +97,15 @@ class FrameResult:
 class FaceRestorer:
     """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames."""
 
-    def __init__(self, model: OneStepRestorer, detector: Detector, device: torch.device, dtype: torch.dtype, batch_size: int = 4):
+    def __init__(self, model: OneStepRestorer, detector: Detector, device: torch.device, dtype: torch.dtype, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
         self.model, self.detector = model, detector
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.color_fix = color_fix
         self.face_size = model.config.face_size
 
-    @torch.inference_mode()
     def restore_crops(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore aligned face crops (face_size square), batch_size at a time."""
-        out: list[np.ndarray] = []
-        for i in range(0, len(crops), self.batch_size):
-            out += to_uint8(self.model(to_tensor(crops[i : i + self.batch_size], self.device, self.dtype)))
-        return out
+        return restore_crops(self.model, crops, self.batch_size, self.color_fix)
 
     def restore_aligned(self, image: np.ndarray) -> FrameResult:
         """An input that is already an aligned face: resize to the model's size and restore."""
@@ -214,14 +212,18 @@ def _save_extras(engine: FaceRestorer, opts: RestoreOptions, item: InputItem, sr
 
 
 def restore_image(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary) -> None:
+    """One photo: restore its faces and write it (with --save-faces / --compare extras)."""
     img = read_image(item.path)
     if opts.aligned:
         result = engine.restore_aligned(img.rgb)
     else:
         result = engine.restore_frames([img.rgb], opts.upscale, opts.only_center_face)[0]
-    if _count_faces(summary, [result]) == 0:
-        summary.files_without_faces += 1
-    write_image(out, result.image, like=img)
+    no_face = _count_faces(summary, [result]) == 0
+    summary.files_without_faces += no_face
+    if no_face and opts.upscale == 1:
+        copy_file(item.path, out)  # the file itself, not a re-encoded copy
+    else:
+        write_image(out, result.image, like=img)
     _save_extras(engine, opts, item, img.rgb, result, img)
     summary.images += 1
 
@@ -238,6 +240,7 @@ def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterable[list[np.ndarray]]:
 
 
 def restore_video(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter) -> None:
+    """One video, frame chunk by frame chunk (faces of a chunk share model batches), audio kept."""
     info = probe_video(item.path)
     reporter.file_started(item, info.frame_count)
     faces_before, frames = summary.faces_found, 0
@@ -303,10 +306,12 @@ def build_engine(
     detector: str = "mtcnn",
     det_threshold: float = 0.7,
     min_face_size: int = 20,
+    osediff: Path | None = None,
+    color_fix: str = DEFAULT_COLOR_FIX,
 ) -> FaceRestorer:
     """Everything `restore` needs loaded once: the restorer and the detector on one device."""
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
-    restorer = load_restorer(model, lora, dev, dtype)
+    restorer = load_restorer(model, lora, dev, dtype, osediff)
     det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
-    return FaceRestorer(restorer, det, dev, dtype, batch_size)
+    return FaceRestorer(restorer, det, dev, dtype, batch_size, color_fix)

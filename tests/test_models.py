@@ -421,3 +421,41 @@ def test_osediff_checkpoint_errors(sd_folder: Path, tmp_path: Path) -> None:
     torch.save({**wrong, "rank_unet": 4, "state_dict_unet": {}}, tmp_path / "wrong.pkl")
     with pytest.raises(ValueError, match="cannot apply unet adapter"):
         load_osediff_checkpoint(load_sd21_folder(sd_folder), tmp_path / "wrong.pkl")
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_restore_loads_upstream_sd_folder_and_osediff(sd_folder: Path, tmp_path: Path) -> None:
+    """What `restore --model SD_FOLDER --osediff PKL` loads (tiny random stand-ins of the upstream layout)."""
+    from click.testing import CliRunner
+
+    from facerestore_cli.cli import main
+    from facerestore_cli.pipeline import load_restorer
+
+    _fake_osediff_pkl(sd_folder, tmp_path / "osediff.pkl")
+    x = images(1, 32)
+    cpu = torch.device("cpu")
+    base = load_restorer(sd_folder, None, cpu, torch.float32)
+    tuned = load_restorer(sd_folder, None, cpu, torch.float32, osediff=tmp_path / "osediff.pkl")
+    with torch.no_grad():
+        assert (base(x) - tuned(x)).abs().mean() > 1e-3
+    assert not tuned.lora_adapters, "OSEDiff LoRA must be merged for inference"
+    result = CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a restorer folder" in result.output
+
+
+def test_color_fixes_keep_input_colours() -> None:
+    """A restoration with a colour cast gets the input's colours back; its detail stays."""
+    from facerestore_cli.models.color import color_fix, low_frequency
+
+    src = images(1, 64) * 0.5
+    detail = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    cast = (src * 0.6 + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1) + detail).clamp(-1, 1)
+    adain = color_fix(cast, src, "adain")
+    torch.testing.assert_close(adain.mean((2, 3)), src.mean((2, 3)), atol=2e-3, rtol=0)
+    wavelet = color_fix(cast, src, "wavelet")
+    assert (low_frequency(wavelet) - low_frequency(src)).abs().mean() < 0.25 * (low_frequency(cast) - low_frequency(src)).abs().mean()
+    high = lambda x: x - low_frequency(x)
+    assert (high(wavelet) - high(cast)).abs().mean() < 0.02
+    assert torch.equal(color_fix(cast, src, "none"), cast)
+    with pytest.raises(ValueError, match="color fix"):
+        color_fix(cast, src, "sepia")

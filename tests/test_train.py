@@ -80,10 +80,9 @@ def test_prepare_faces_writes_aligned_crops_and_manifest(prepared: Path) -> None
     assert patches[0].shape == (3, 64, 64) and 0 <= float(patches[0].min()) <= float(patches[0].max()) <= 1
 
 
-def tiny_run_config(data: Path, steps: int) -> RestorerTrainConfig:
-    return RestorerTrainConfig.from_dict(
-        {"data": [str(data)], "steps": steps, "batch_size": 2, "patch_size": 64, "num_workers": 0, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1}
-    )
+def tiny_run_config(data: Path, steps: int, **changes) -> RestorerTrainConfig:
+    raw = {"data": [str(data)], "steps": steps, "batch_size": 2, "patch_size": 64, "num_workers": 0, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1}
+    return RestorerTrainConfig.from_dict(raw | changes)
 
 
 def test_training_checkpoints_resumes_and_exports(prepared: Path, tmp_path: Path) -> None:
@@ -105,6 +104,18 @@ def test_time_budget_stops_with_a_checkpoint(prepared: Path, tmp_path: Path) -> 
     assert not (tmp_path / "final").exists()
 
 
+def test_two_stages_autoencoder_then_restorer_with_frozen_decoder(prepared: Path, tmp_path: Path) -> None:
+    ae = train_restorer(tiny_run_config(prepared, 2, stage="autoencoder"), tmp_path / "ae")
+    assert ae["finished"] and set(ae["last_losses"]) == {"recon_l1", "recon_edge", "kl", "total"}
+    start = OneStepRestorer.from_pretrained(tmp_path / "ae" / "final", torch_dtype=torch.float32)
+    cfg = tiny_run_config(prepared, 2, model=str(tmp_path / "ae" / "final"), freeze=["vae.decoder", "vae.post_quant_conv"])
+    train_restorer(cfg, tmp_path / "restorer")
+    end = OneStepRestorer.from_pretrained(tmp_path / "restorer" / "final", torch_dtype=torch.float32)
+    before, after = start.vae.decoder.state_dict(), end.vae.decoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen decoder must not change"
+    assert any(not torch.equal(a, b) for a, b in zip(start.unet.parameters(), end.unet.parameters()))
+
+
 def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('steps = 3\nlearning_rate = 0.1\n')
@@ -112,7 +123,8 @@ def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "learning_rate" in result.output
 
 
-def test_shipped_training_config_parses() -> None:
-    cfg = RestorerTrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "train_tiny.toml")
-    assert cfg.model == "tiny" and cfg.degradation.jpeg_quality[0] >= 1
-    assert isinstance(cfg.degradation, DegradationConfig)
+@pytest.mark.parametrize("name", ["train_tiny_autoencoder.toml", "train_tiny.toml"])
+def test_shipped_training_configs_parse(name: str) -> None:
+    cfg = RestorerTrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.stage in ("autoencoder", "restorer") and cfg.steps > 0
+    assert isinstance(cfg.degradation, DegradationConfig) and cfg.degradation.jpeg_quality[0] >= 1

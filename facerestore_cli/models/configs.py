@@ -146,7 +146,7 @@ def _tiny() -> RestorerConfig:
             "block_out_channels": [8, 16, 32, 64],
             "layers_per_block": 1,
             "latent_channels": 16,
-            "norm_num_groups": 8,
+            "norm_num_groups": 4,
             "mid_block_add_attention": False,
             "sample_size": 512,
             "scaling_factor": 1.0,

@@ -129,6 +129,20 @@ def architecture_fingerprint(restorer: OneStepRestorer) -> str:
     return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_diffusers_parts(root: Path, torch_dtype: torch.dtype | None = None) -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
+    """vae/, unet/ and scheduler/ of a diffusers-layout folder (ours or Stable Diffusion's), offline.
+
+    SD ships a PNDM scheduler config; DDPMScheduler takes the same beta schedule and ignores the rest.
+    """
+    kw: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kw["torch_dtype"] = torch_dtype
+    vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
+    scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+    return vae, unet, scheduler
+
+
 def _check_folder(path: Path, what: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -306,12 +320,7 @@ class OneStepRestorer(nn.Module):
         config = RestorerConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
         for part in ("vae", "unet", "scheduler", PROMPT_FILE):
             _check_folder(root / part, f"'{part}' of restorer folder")
-        kw: dict[str, Any] = {"local_files_only": True}
-        if torch_dtype is not None:
-            kw["torch_dtype"] = torch_dtype
-        vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
-        scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+        vae, unet, scheduler = load_diffusers_parts(root, torch_dtype)
         prompt = load_file(str(root / PROMPT_FILE))["prompt_embeds"].float()
         model = cls(config, vae, unet, scheduler, prompt)
         return model.to(device=device, dtype=torch_dtype or vae.dtype).eval()

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from .configs import RestorerConfig, get_config
-from .restorer import OneStepRestorer, _plain_config
+from .restorer import OneStepRestorer, _plain_config, load_diffusers_parts
 
 __all__ = [
     "OSEDIFF_UNET_ADAPTERS",
@@ -71,13 +70,7 @@ def load_sd21_folder(
     """
     root = Path(path)
     _check_sd_layout(root, need_text=prompt_embeds_file is None)
-    kw: dict[str, Any] = {"local_files_only": True}
-    if torch_dtype is not None:
-        kw["torch_dtype"] = torch_dtype
-    vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
-    # SD ships a PNDM config; DDPMScheduler takes the same beta schedule and ignores the rest.
-    scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+    vae, unet, scheduler = load_diffusers_parts(root, torch_dtype)
     if prompt_embeds_file is not None:
         embeds = load_prompt_embeds_file(prompt_embeds_file)
     else:

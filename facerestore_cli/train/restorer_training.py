@@ -1,9 +1,10 @@
-"""Supervised training of the one-step restorer on synthetic LQ/HQ pairs.
+"""Supervised training of the one-step restorer, in two stages.
 
-The whole model (VAE encoder, UNet step, VAE decoder) trains end to end on pairs made on the fly
-by the batched degradation. Beside the restoration loss, the autoencoder keeps reconstructing HQ
-faces from their own latents, so the decoder stays a decoder of a meaningful latent space (what
-later reward and prior training build on) rather than a free part of one big network.
+1. `stage = "autoencoder"`: the VAE alone learns to reconstruct HQ faces (L1 + edge + a small KL),
+   which is cheap (no UNet) and gives the latent space everything later builds on.
+2. `stage = "restorer"`: starting from that VAE, the encoder and the UNet step learn to map
+   degraded faces to clean latents on pairs made on the fly by the batched degradation; the
+   decoder is frozen (`freeze`), as in OSEDiff, so it keeps decoding the autoencoder's latents.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from .degrade import DegradationConfig, Degrader
 class LossWeights:
     restore_l1: float = 1.0
     restore_edge: float = 0.5
-    recon_l1: float = 0.5
+    recon_l1: float = 1.0
+    recon_edge: float = 0.5
     kl: float = 1e-6
+
+STAGES = ("autoencoder", "restorer")
 
 
 @dataclass
@@ -40,6 +44,8 @@ class RestorerTrainConfig:
 
     data: list[str] = field(default_factory=list)
     model: str = "tiny"
+    stage: str = "restorer"
+    freeze: list[str] = field(default_factory=list)
     steps: int = 2000
     batch_size: int = 8
     patch_size: int = 256
@@ -72,7 +78,10 @@ class RestorerTrainConfig:
             raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
         losses = LossWeights(**raw.pop("losses", {}))
         degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
-        return cls(**raw, losses=losses, degradation=degradation)
+        cfg = cls(**raw, losses=losses, degradation=degradation)
+        if cfg.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {cfg.stage!r}")
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,19 +94,42 @@ def sobel_edges(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, groups=x.shape[1])
 
 
-def restorer_losses(model: OneStepRestorer, lq: torch.Tensor, hq: torch.Tensor, w: LossWeights) -> dict[str, torch.Tensor]:
-    """All loss terms for one batch (images in [-1,1]); 'total' is what is optimised."""
-    restored = model(lq)
+def _l1_and_edges(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.l1_loss(out, target), F.l1_loss(sobel_edges(out), sobel_edges(target))
+
+
+def autoencoder_losses(model: OneStepRestorer, hq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reconstruction of HQ faces (in [-1,1]) through the VAE alone."""
     dist = model.vae.encode(hq).latent_dist
     recon = model.vae.decode(dist.mode()).sample
-    terms = {
-        "restore_l1": F.l1_loss(restored, hq),
-        "restore_edge": F.l1_loss(sobel_edges(restored), sobel_edges(hq)),
-        "recon_l1": F.l1_loss(recon, hq),
-        "kl": dist.kl().mean(),
-    }
+    l1, edge = _l1_and_edges(recon, hq)
+    return {"recon_l1": l1, "recon_edge": edge, "kl": dist.kl().mean()}
+
+
+def restoration_losses(model: OneStepRestorer, lq: torch.Tensor, hq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
+    restored = model.decode(model.denoise_latent(model.encode(lq)), clamp=False)
+    l1, edge = _l1_and_edges(restored, hq)
+    return {"restore_l1": l1, "restore_edge": edge}
+
+
+def stage_losses(model: OneStepRestorer, stage: str, lq: torch.Tensor, hq: torch.Tensor, w: LossWeights) -> dict[str, torch.Tensor]:
+    """The loss terms of a stage (images in [-1,1]); 'total' is their weighted sum."""
+    terms = autoencoder_losses(model, hq) if stage == "autoencoder" else restoration_losses(model, lq, hq)
     terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())
     return terms
+
+
+def freeze_modules(model: torch.nn.Module, prefixes: list[str]) -> int:
+    """Stop training every parameter under the given module names; returns how many were frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if any(name == f or name.startswith(f + ".") for f in prefixes):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if prefixes and not frozen:
+        raise ValueError(f"freeze: no parameters under {', '.join(prefixes)}")
+    return frozen
 
 
 def lr_lambda(step: int, cfg: RestorerTrainConfig) -> float:
@@ -140,7 +172,9 @@ def train_restorer(
     torch.manual_seed(cfg.seed)
     ckpt = find_checkpoint(run_dir) if resume else None
     model = load_model_for_training(str(ckpt / "model") if ckpt else cfg.model).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    freeze_modules(model, cfg.freeze)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if ckpt:
         step, _ = load_training_state(ckpt, opt)
@@ -154,12 +188,12 @@ def train_restorer(
     save = lambda: save_checkpoint(run_dir, model.save_pretrained, opt, step, {"config": cfg.to_dict()})
     while step < cfg.steps and not budget.expired():
         hq = next(batches).to(dev)
-        lq, _ = degrader(hq)
+        lq = degrader(hq)[0] if cfg.stage == "restorer" else hq
         with _autocast(dev, cfg.precision):
-            losses = restorer_losses(model, lq * 2 - 1, hq * 2 - 1, cfg.losses)
+            losses = stage_losses(model, cfg.stage, lq * 2 - 1, hq * 2 - 1, cfg.losses)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_lambda(step, cfg)
         opt.step()

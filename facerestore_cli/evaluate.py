@@ -1,0 +1,505 @@
+"""Rebuildable degraded test sets, and an honest comparison of restorers against simple baselines.
+
+`degrade_folder` turns aligned HQ crops into a pair folder::
+
+    OUT/hq/<name>.png          the ground truth (as read, optionally resized)
+    OUT/lq/<name>.png          its degraded copy (same size; blur, downsampling, noise, JPEG)
+    OUT/degradations.jsonl     one line per image: file, source, its seed and drawn parameters
+    OUT/degrade_config.json    the parameter ranges, master seed and size
+
+Each image is degraded with its own generator seeded from (master seed, file name), on one CPU
+thread, so a set is rebuilt bit for bit from the same sources, seed and ranges (with the same torch
+build), independent of order, of other files and of the thread count, and `degradations.jsonl`
+says what each image went through.
+
+`evaluate` restores the LQ images of a pair folder (or a folder of LQ images alone) with each
+restorer and with baselines, scores every method with the metric registry's metrics, and
+returns the mean per method and metric, the metrics that could not run here (with reasons) and,
+optionally, a PNG grid (rows: input | baseline | each restorer | ground truth).
+
+Baselines: `input` is the degraded image itself; `bicubic_unsharp` is the classical answer,
+bicubic resize to the output size (when the LQ is smaller) followed by an unsharp mask.
+With pairs, `ground_truth` is also scored by the no-reference metrics, as the level to aim for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from . import __version__
+from .media import IMAGE_EXTS, MediaError, read_image
+from .models.color import DEFAULT_COLOR_FIX
+from .models.inference import restore_crops
+from .metrics import MetricInfo, MetricUnavailable, available_metrics, create_metric, finite_mean, metric_info, unavailable_metrics
+from .train.degrade import DegradationConfig, Degrader
+
+HQ_DIR, LQ_DIR = "hq", "lq"
+DEGRADATIONS = "degradations.jsonl"
+DEGRADE_CONFIG = "degrade_config.json"
+MANIFEST = "manifest.jsonl"
+BASELINES = ("input", "bicubic_unsharp")
+GROUND_TRUTH = "ground_truth"
+GRID_TILE = 256
+
+
+class EvalInputError(ValueError):
+    """A folder or option that evaluation cannot use; the message is one line for the user."""
+
+
+# ------------------------------------------------------------------ finding images
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def source_images(src: Path) -> list[tuple[str, Path]]:
+    """(relative name, path) of the HQ crops in a folder, a prepared folder's manifest, or a manifest file."""
+    src = Path(src)
+    if src.is_file() and src.name.endswith(".jsonl"):
+        manifest, root = src, src.parent
+    elif src.is_dir() and (src / MANIFEST).is_file():
+        manifest, root = src / MANIFEST, src
+    elif src.is_dir():
+        files = _image_files(src)
+        if not files:
+            raise EvalInputError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
+        return [(p.relative_to(src).as_posix(), p) for p in files]
+    else:
+        raise EvalInputError(f"{src}: not a folder of aligned crops or a manifest.jsonl")
+    rows = []
+    with open(manifest) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line)["file"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvalInputError(f"{manifest}:{n}: not a manifest line with a \"file\" field") from None
+    missing = [r for r in rows if not (root / r).is_file()]
+    if missing:
+        raise EvalInputError(f"{manifest}: {len(missing)} listed crop(s) missing, e.g. {root / missing[0]}")
+    if not rows:
+        raise EvalInputError(f"{manifest}: lists no crops")
+    return [(r, root / r) for r in rows]
+
+
+def image_seed(seed: int, name: str) -> int:
+    """The per-image seed: a hash of the master seed and the image's relative name."""
+    digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _png_name(rel: str) -> str:
+    return str(Path(rel).with_suffix(".png").as_posix())
+
+
+def _to_tensor01(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)[None]
+
+
+def _to_uint8(x: torch.Tensor) -> list[np.ndarray]:
+    return list(x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"could not write {path}")
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int], interp: int | None = None) -> np.ndarray:
+    """Resize to (height, width): area when shrinking, bicubic when enlarging, unless told."""
+    h, w = size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    if interp is None:
+        interp = cv2.INTER_AREA if h < rgb.shape[0] else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (w, h), interpolation=interp)
+
+
+# ------------------------------------------------------------------ degrade
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch on one thread: float sums in a fixed order, so the uint8 output does not depend on
+    the machine's thread count (with several threads a few pixels per million differ by 1)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@dataclass
+class DegradeSummary:
+    out_dir: Path
+    images: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def degrade_folder(
+    src: Path | str,
+    out_dir: Path | str,
+    cfg: DegradationConfig | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    limit: int | None = None,
+    on_image: Callable[[str], None] | None = None,
+) -> DegradeSummary:
+    """Write HQ/LQ PNG pairs and the parameters of every degradation (see the module docstring).
+
+    src: a folder of aligned crops (searched recursively), a prepared folder with manifest.jsonl,
+    or a manifest file. size: resize every HQ crop to size x size first (None keeps each size).
+    """
+    cfg = cfg or DegradationConfig()
+    out_dir = Path(out_dir)
+    files = source_images(Path(src))
+    if limit is not None:
+        files = files[: max(0, int(limit))]
+    if (out_dir / DEGRADATIONS).exists():
+        raise EvalInputError(f"{out_dir}: already holds a degraded set ({DEGRADATIONS}); choose another output folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, t0 = DegradeSummary(out_dir), time.perf_counter()
+    meta = {"facerestore": __version__, "source": str(src), "seed": int(seed), "size": size, "images": len(files), "config": cfg.to_dict()}
+    with open(out_dir / DEGRADATIONS, "w") as log:
+        for rel, path in files:
+            if on_image:
+                on_image(rel)
+            try:
+                hq = read_image(path).rgb
+            except MediaError:
+                summary.unreadable.append(rel)
+                continue
+            if size:
+                hq = _resize(hq, (size, size))
+            s = image_seed(seed, rel)
+            with torch.no_grad(), _single_thread():
+                lq_t, params = Degrader(cfg, seed=s)(_to_tensor01(hq))
+            name = _png_name(rel)
+            _write_png(out_dir / HQ_DIR / name, hq)
+            _write_png(out_dir / LQ_DIR / name, _to_uint8(lq_t)[0])
+            row = {"file": name, "source": str(path), "seed": s, "height": hq.shape[0], "width": hq.shape[1], **params.row(0)}
+            row["grey_noise"] = bool(row["grey_noise"])
+            log.write(json.dumps(row) + "\n")
+            summary.images += 1
+    meta["images"] = summary.images
+    (out_dir / DEGRADE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def load_degradation_config(path: Path | str) -> DegradationConfig:
+    """Ranges from a TOML/JSON file: a `[degradation]` table (as in training configs) or top-level keys."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"{path}: cannot read a degradation config ({err})") from None
+    raw = raw.get("degradation", raw.get("config", raw))
+    unknown = sorted(set(raw) - set(DegradationConfig.__dataclass_fields__))
+    if unknown:
+        raise EvalInputError(f"{path}: unknown degradation keys {', '.join(unknown)} (known: {', '.join(DegradationConfig.__dataclass_fields__)})")
+    return DegradationConfig.from_dict(raw)
+
+
+# ------------------------------------------------------------------ evaluate
+@dataclass
+class EvalItem:
+    name: str
+    lq: Path
+    hq: Path | None
+
+
+def find_pairs(pairs_dir: Path | str) -> list[EvalItem]:
+    """The LQ/HQ pairs of a folder made by `degrade_folder` (lq/ and hq/ with the same names)."""
+    root = Path(pairs_dir)
+    if not root.is_dir():
+        raise EvalInputError(f"{root}: not a folder")
+    lq_dir, hq_dir = root / LQ_DIR, root / HQ_DIR
+    if not lq_dir.is_dir() or not hq_dir.is_dir():
+        raise EvalInputError(f"{root}: no {LQ_DIR}/ and {HQ_DIR}/ subfolders (make a pair folder with `facerestore degrade`, or use --lq)")
+    lq = {p.relative_to(lq_dir).with_suffix("").as_posix(): p for p in _image_files(lq_dir)}
+    hq = {p.relative_to(hq_dir).with_suffix("").as_posix(): p for p in _image_files(hq_dir)}
+    if not lq:
+        raise EvalInputError(f"{lq_dir}: no images")
+    missing = sorted(set(lq) - set(hq))
+    if missing:
+        raise EvalInputError(f"{hq_dir}: no ground truth for {len(missing)} LQ image(s), e.g. {missing[0]}")
+    return [EvalItem(k, lq[k], hq[k]) for k in sorted(lq)]
+
+
+def find_lq(lq_dir: Path | str) -> list[EvalItem]:
+    root = Path(lq_dir)
+    if not root.is_dir():
+        raise EvalInputError(f"{root}: not a folder")
+    files = _image_files(root)
+    if not files:
+        raise EvalInputError(f"{root}: no images")
+    return [EvalItem(p.relative_to(root).with_suffix("").as_posix(), p, None) for p in files]
+
+
+def unsharp(rgb: np.ndarray, sigma: float = 2.0, amount: float = 0.6) -> np.ndarray:
+    blurred = cv2.GaussianBlur(rgb, (0, 0), sigma)
+    return cv2.addWeighted(rgb, 1 + amount, blurred, -amount, 0)
+
+
+def bicubic_unsharp(lq: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The classical baseline: bicubic to the output size, then an unsharp mask."""
+    return unsharp(_resize(lq, size, cv2.INTER_CUBIC))
+
+
+@dataclass
+class EvalResult:
+    methods: list[str]
+    metrics: list[MetricInfo]
+    #: method -> metric -> mean over the images it could be computed for (nan: none)
+    table: dict[str, dict[str, float]]
+    #: method -> metric -> how many images the mean is over
+    counts: dict[str, dict[str, int]]
+    #: metric -> one-line reason it could not run here (missing package or weights)
+    unavailable: dict[str, str]
+    #: metric -> why it was not computed for this data (e.g. full-reference without ground truth)
+    skipped: dict[str, str]
+    images: int
+    #: method -> seconds per image of producing the output (restorers: model time only)
+    seconds_per_image: dict[str, float]
+    per_image: list[dict] = field(default_factory=list)
+    grid: Path | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(
+            {
+                "source": self.source,
+                "images": self.images,
+                "methods": self.methods,
+                "metrics": {m.name: {"kind": m.kind, "lower_better": m.lower_better, "description": m.description} for m in self.metrics},
+                "table": self.table,
+                "counts": self.counts,
+                "seconds_per_image": self.seconds_per_image,
+                "unavailable": self.unavailable,
+                "skipped": self.skipped,
+                "grid": str(self.grid) if self.grid else None,
+                "per_image": self.per_image,
+            }
+        )
+
+
+def _select_metrics(names: Sequence[str] | None, have_gt: bool) -> tuple[list[MetricInfo], dict[str, str], dict[str, str]]:
+    if names is None:
+        wanted, unavailable = available_metrics(), unavailable_metrics()
+    else:
+        wanted, unavailable = [], {}
+        for n in names:
+            info = metric_info(n)  # ValueError for unknown names
+            if info.unavailable_reason:
+                unavailable[info.name] = info.unavailable_reason
+            elif info.name not in wanted:
+                wanted.append(info.name)
+    chosen, skipped = [], {}
+    for n in wanted:
+        info = metric_info(n)
+        if info.full_reference and not have_gt:
+            skipped[n] = "full-reference: needs ground truth (--pairs)"
+        else:
+            chosen.append(info)
+    return chosen, unavailable, skipped
+
+
+def _model_labels(models: Sequence[Path]) -> list[str]:
+    labels = []
+    for m in models:
+        label = Path(m).name or str(m)
+        if label in labels or label in BASELINES or label == GROUND_TRUTH:
+            label = str(m)
+        labels.append(label)
+    return labels
+
+
+def _restore(model, images: list[np.ndarray], color_fix: str) -> list[np.ndarray]:
+    """Batched restoration of same-size uint8 crops, exactly as `restore` does it."""
+    return restore_crops(model, images, len(images), color_fix)
+
+
+def _labelled_grid(rows: list[list[np.ndarray]], labels: list[str], tile: int = GRID_TILE) -> np.ndarray:
+    header = np.full((28, tile * len(labels), 3), 255, np.uint8)
+    for i, text in enumerate(labels):
+        cv2.putText(header, text[:28], (i * tile + 6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    body = [np.concatenate([_resize(im, (tile, tile)) for im in row], 1) for row in rows]
+    return np.concatenate([header, *body], 0)
+
+
+def evaluate(
+    pairs: Path | str | None = None,
+    lq: Path | str | None = None,
+    models: Sequence[Path | str | tuple[str, torch.nn.Module]] = (),
+    metrics: Sequence[str] | None = None,
+    baselines: Iterable[str] = BASELINES,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4,
+    color_fix: str = DEFAULT_COLOR_FIX,
+    size: int | None = None,
+    grid: Path | str | None = None,
+    grid_rows: int = 6,
+    limit: int | None = None,
+    per_image: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Restore and score; see the module docstring.
+
+    pairs: a pair folder (lq/ + hq/), or lq: LQ images only (no-reference metrics only).
+    models: restorer folders (OneStepRestorer `save_pretrained` output, or what `restore --model`
+    takes), or (label, loaded OneStepRestorer) pairs, e.g. to score a model while it trains.
+    metrics: registry names (None: every available one). size: restore and score at size x size
+    (default: the ground truth's size with pairs, each LQ image's own size without).
+    """
+    if (pairs is None) == (lq is None):
+        raise EvalInputError("give exactly one of a pair folder (--pairs) or an LQ folder (--lq)")
+    items = find_pairs(pairs) if pairs is not None else find_lq(lq)
+    if limit is not None:
+        items = items[: max(1, int(limit))]
+    have_gt = pairs is not None
+    baselines = list(baselines)
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise EvalInputError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+    chosen, unavailable, skipped = _select_metrics(metrics, have_gt)
+    if not chosen:
+        raise EvalInputError("no metric can run: " + "; ".join(f"{k}: {v}" for k, v in {**unavailable, **skipped}.items()))
+    device = torch.device(device)
+    scorers = {}
+    for info in chosen:
+        try:
+            scorers[info.name] = create_metric(info.name, device)
+        except MetricUnavailable as err:
+            unavailable[info.name] = str(err).split(": ", 1)[-1]
+    chosen = [m for m in chosen if m.name in scorers]
+
+    from .pipeline import load_restorer
+
+    restorers = []
+    paths = [m for m in models if not isinstance(m, tuple)]
+    labels = iter(_model_labels([Path(m) for m in paths]))
+    for item in models:
+        if isinstance(item, tuple):  # (label, an already loaded restorer)
+            restorers.append((str(item[0]), item[1].eval()))
+            continue
+        label = next(labels)
+        try:
+            restorers.append((label, load_restorer(Path(item), None, device, dtype)))
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise EvalInputError(f"{item}: cannot load restorer ({str(err).splitlines()[0]})") from None
+    methods = baselines + [label for label, _ in restorers]
+    nr = [m for m in chosen if not m.full_reference]
+    if have_gt and nr:
+        methods.append(GROUND_TRUTH)
+
+    scores = {m: {k.name: [] for k in chosen} for m in methods}
+    seconds = {m: 0.0 for m in methods if m != GROUND_TRUTH}
+    rows_for_grid: list[list[np.ndarray]] = []
+    records: list[dict] = []
+    if on_start:
+        on_start(len(items))
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        try:
+            lqs = [read_image(it.lq).rgb for it in batch]
+            hqs = [read_image(it.hq).rgb for it in batch] if have_gt else None
+        except MediaError as err:
+            raise EvalInputError(str(err)) from None
+        if size:
+            target = [(size, size)] * len(batch)
+        elif hqs is not None:
+            target = [h.shape[:2] for h in hqs]
+        else:
+            target = [l.shape[:2] for l in lqs]
+        refs = [_resize(h, t) for h, t in zip(hqs, target)] if hqs is not None else None
+        outputs: dict[str, list[np.ndarray]] = {}
+        for b in baselines:
+            t0 = time.perf_counter()
+            if b == "input":
+                outputs[b] = [_resize(l, t, cv2.INTER_CUBIC) for l, t in zip(lqs, target)]
+            else:
+                outputs[b] = [bicubic_unsharp(l, t) for l, t in zip(lqs, target)]
+            seconds[b] += time.perf_counter() - t0
+        for label, model in restorers:
+            inputs = [_resize(l, t, cv2.INTER_CUBIC) for l, t in zip(lqs, target)]
+            res: list[np.ndarray | None] = [None] * len(inputs)
+            for shape in dict.fromkeys(im.shape for im in inputs):  # restore same-size groups together
+                idx = [i for i, im in enumerate(inputs) if im.shape == shape]
+                t0 = time.perf_counter()
+                for i, out in zip(idx, _restore(model, [inputs[i] for i in idx], color_fix)):
+                    res[i] = out
+                seconds[label] += time.perf_counter() - t0
+            outputs[label] = res
+        if GROUND_TRUTH in methods:
+            outputs[GROUND_TRUTH] = refs
+        for method, outs in outputs.items():
+            per = {}
+            for info in chosen:
+                if method == GROUND_TRUTH and info.full_reference:
+                    continue
+                vals = scorers[info.name].score_batch(outs, refs if info.full_reference else None)
+                scores[method][info.name].extend(vals)
+                per[info.name] = vals
+            if per_image:
+                for j, it in enumerate(batch):
+                    records.append({"file": it.name, "method": method, **{k: float(v[j]) for k, v in per.items()}})
+        if grid is not None and len(rows_for_grid) < grid_rows:
+            cols = [m for m in methods if m != GROUND_TRUTH] + ([GROUND_TRUTH] if have_gt else [])
+            for j in range(len(batch)):
+                if len(rows_for_grid) < grid_rows:
+                    rows_for_grid.append([outputs[m][j] if m in outputs else refs[j] for m in cols])
+        if on_batch:
+            on_batch(len(batch))
+
+    table, counts = {}, {}
+    for method in methods:
+        table[method], counts[method] = {}, {}
+        for info in chosen:
+            if method == GROUND_TRUTH and info.full_reference:
+                continue
+            table[method][info.name], counts[method][info.name] = finite_mean(scores[method][info.name])
+    grid_path = None
+    if grid is not None and rows_for_grid:
+        cols = [m for m in methods if m != GROUND_TRUTH] + ([GROUND_TRUTH] if have_gt else [])
+        grid_path = Path(grid)
+        _write_png(grid_path, _labelled_grid(rows_for_grid, cols))
+    return EvalResult(
+        methods=methods,
+        metrics=chosen,
+        table=table,
+        counts=counts,
+        unavailable=unavailable,
+        skipped=skipped,
+        images=len(items),
+        seconds_per_image={m: s / max(1, len(items)) for m, s in seconds.items()},
+        per_image=records,
+        grid=grid_path,
+        source=str(pairs if pairs is not None else lq),
+    )
