@@ -65,8 +65,8 @@ def test_whole_images_faces_restored_background_untouched(engine, real: Path, tm
         inside = footprint(before.shape, [f.landmarks for f in faces])
         assert np.array_equal(after[~inside], before[~inside]), "pixels away from faces changed"
         x1, y1, x2, y2 = faces[0].box.astype(int)
-        change = np.abs(after[y1:y2, x1:x2].astype(int) - before[y1:y2, x1:x2]).mean()
-        assert change > 2.0, f"face in {path.name} barely changed ({change:.2f} grey levels)"
+        diff = np.abs(after[y1:y2, x1:x2].astype(int) - before[y1:y2, x1:x2])
+        assert diff.mean() > 1.0 and (diff.max(axis=2) > 0).mean() > 0.5, f"face in {path.name} was not restored"
 
 
 def test_alpha_grey_and_aligned_inputs(engine, real: Path, tmp_path: Path) -> None:
