@@ -166,3 +166,14 @@ def test_bundled_model_is_shipped() -> None:
     assert (DEFAULT_MODEL / "restorer_config.json").is_file()
     for f in DEFAULT_MODEL.rglob("*"):
         assert f.stat().st_size < 16 * 2**20, f"{f} is over 16 MiB"
+
+
+def test_weights_folder_can_be_moved(tmp_path: Path) -> None:
+    """FACERESTORE_WEIGHTS points the tool at weights installed elsewhere; a wrong one is a clear error."""
+    import os
+    import sys
+
+    env = {**os.environ, "FACERESTORE_WEIGHTS": str(tmp_path / "nowhere")}
+    cmd = [sys.executable, "-m", "facerestore_cli.cli", "restore", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and str(tmp_path / "nowhere") in proc.stderr
