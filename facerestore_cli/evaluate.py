@@ -419,6 +419,7 @@ def evaluate(
     if have_gt and nr:
         methods.append(GROUND_TRUTH)
 
+    cols = [m for m in methods if m != GROUND_TRUTH] + ([GROUND_TRUTH] if have_gt else [])  # grid columns
     scores = {m: {k.name: [] for k in chosen} for m in methods}
     seconds = {m: 0.0 for m in methods if m != GROUND_TRUTH}
     rows_for_grid: list[list[np.ndarray]] = []
@@ -440,15 +441,12 @@ def evaluate(
             target = [l.shape[:2] for l in lqs]
         refs = [_resize(h, t) for h, t in zip(hqs, target)] if hqs is not None else None
         outputs: dict[str, list[np.ndarray]] = {}
+        inputs = [_resize(l, t, cv2.INTER_CUBIC) for l, t in zip(lqs, target)]  # what restorers see
         for b in baselines:
             t0 = time.perf_counter()
-            if b == "input":
-                outputs[b] = [_resize(l, t, cv2.INTER_CUBIC) for l, t in zip(lqs, target)]
-            else:
-                outputs[b] = [bicubic_unsharp(l, t) for l, t in zip(lqs, target)]
+            outputs[b] = inputs if b == "input" else [bicubic_unsharp(l, t) for l, t in zip(lqs, target)]
             seconds[b] += time.perf_counter() - t0
         for label, model in restorers:
-            inputs = [_resize(l, t, cv2.INTER_CUBIC) for l, t in zip(lqs, target)]
             res: list[np.ndarray | None] = [None] * len(inputs)
             for shape in dict.fromkeys(im.shape for im in inputs):  # restore same-size groups together
                 idx = [i for i, im in enumerate(inputs) if im.shape == shape]
@@ -471,7 +469,6 @@ def evaluate(
                 for j, it in enumerate(batch):
                     records.append({"file": it.name, "method": method, **{k: float(v[j]) for k, v in per.items()}})
         if grid is not None and len(rows_for_grid) < grid_rows:
-            cols = [m for m in methods if m != GROUND_TRUTH] + ([GROUND_TRUTH] if have_gt else [])
             for j in range(len(batch)):
                 if len(rows_for_grid) < grid_rows:
                     rows_for_grid.append([outputs[m][j] if m in outputs else refs[j] for m in cols])
@@ -487,7 +484,6 @@ def evaluate(
             table[method][info.name], counts[method][info.name] = finite_mean(scores[method][info.name])
     grid_path = None
     if grid is not None and rows_for_grid:
-        cols = [m for m in methods if m != GROUND_TRUTH] + ([GROUND_TRUTH] if have_gt else [])
         grid_path = Path(grid)
         _write_png(grid_path, _labelled_grid(rows_for_grid, cols))
     return EvalResult(

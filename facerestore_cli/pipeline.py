@@ -97,11 +97,18 @@ class FrameResult:
 class FaceRestorer:
     """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames."""
 
-    def __init__(self, model: OneStepRestorer, detector: Detector, device: torch.device, dtype: torch.dtype, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
+    def __init__(self, model: OneStepRestorer, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
         self.model, self.detector = model, detector
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self.color_fix = color_fix
+        self.batch_size, self.color_fix = batch_size, color_fix
         self.face_size = model.config.face_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     def restore_crops(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Restore aligned face crops (face_size square), batch_size at a time."""
@@ -202,13 +209,14 @@ def _count_faces(summary: Summary, results: Iterable[FrameResult]) -> int:
     return found
 
 
-def _save_extras(engine: FaceRestorer, opts: RestoreOptions, item: InputItem, src: np.ndarray, result: FrameResult, like: LoadedImage) -> None:
+def _save_extras(opts: RestoreOptions, item: InputItem, img: LoadedImage, result: FrameResult) -> None:
+    """--save-faces (aligned | restored per face) and --compare (before | after)."""
     if opts.save_faces:
         for i, (crop, face) in enumerate(zip(result.crops, result.restored)):
             stem = item.rel.with_suffix("")
             write_image(opts.outdir / "faces" / f"{stem}_{i:02d}.png", np.concatenate([crop, face], axis=1))
     if opts.compare:
-        write_image(output_path_for(item, opts.outdir / "compare"), side_by_side(src, result.image), like=like)
+        write_image(output_path_for(item, opts.outdir / "compare"), side_by_side(img.rgb, result.image), like=img)
 
 
 def restore_image(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary) -> None:
@@ -224,7 +232,7 @@ def restore_image(engine: FaceRestorer, item: InputItem, out: Path, opts: Restor
         copy_file(item.path, out)  # the file itself, not a re-encoded copy
     else:
         write_image(out, result.image, like=img)
-    _save_extras(engine, opts, item, img.rgb, result, img)
+    _save_extras(opts, item, img, result)
     summary.images += 1
 
 
@@ -314,4 +322,4 @@ def build_engine(
     dtype = resolve_dtype(precision, dev)
     restorer = load_restorer(model, lora, dev, dtype, osediff)
     det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
-    return FaceRestorer(restorer, det, dev, dtype, batch_size, color_fix)
+    return FaceRestorer(restorer, det, batch_size, color_fix)

@@ -35,6 +35,7 @@ class LossWeights:
     recon_edge: float = 0.5
     kl: float = 1e-6
 
+
 STAGES = ("autoencoder", "restorer")
 
 
