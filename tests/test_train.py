@@ -128,3 +128,26 @@ def test_shipped_training_configs_parse(name: str) -> None:
     cfg = RestorerTrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.stage in ("autoencoder", "restorer") and cfg.steps > 0
     assert isinstance(cfg.degradation, DegradationConfig) and cfg.degradation.jpeg_quality[0] >= 1
+
+
+def test_prior_then_restorer_with_vsd_perceptual_and_lora_resumes(prepared: Path, tmp_path: Path) -> None:
+    prior_cfg = tiny_run_config(prepared, 2, stage="prior", freeze=["vae"])
+    prior = train_restorer(prior_cfg, tmp_path / "prior")
+    assert prior["finished"] and set(prior["last_losses"]) == {"diffusion", "total"}
+    start = OneStepRestorer.from_pretrained(tmp_path / "prior" / "final", torch_dtype=torch.float32)
+    changes = dict(model=str(tmp_path / "prior" / "final"), freeze=["vae.decoder", "vae.post_quant_conv"], timestep=250, lora_rank=2, losses={"perceptual": 0.1, "vsd": 1.0})
+    first = train_restorer(tiny_run_config(prepared, 2, **changes), tmp_path / "r")
+    assert (tmp_path / "r" / "checkpoint" / "model" / "lora.safetensors").is_file(), "a LoRA run checkpoints its adapters"
+    more = train_restorer(tiny_run_config(prepared, 3, **changes), tmp_path / "r")
+    assert first["step"] == 2 and more["steps_this_run"] == 1 and more["finished"]
+    assert {"restore_l1", "perceptual", "vsd", "fake_score"} <= set(more["last_losses"])
+    assert all(np.isfinite(v) for v in more["last_losses"].values())
+    end = OneStepRestorer.from_pretrained(tmp_path / "r" / "final", torch_dtype=torch.float32)
+    assert end.config.timestep == 250 and not end.lora_adapters
+    assert torch.equal(start.vae.decoder.conv_out.weight, end.vae.decoder.conv_out.weight)
+    assert not torch.allclose(start.unet.conv_out.weight, end.unet.conv_out.weight), "merged LoRA must change the UNet"
+
+
+def test_bf16_mixed_precision_trains(prepared: Path, tmp_path: Path) -> None:
+    result = train_restorer(tiny_run_config(prepared, 2, precision="bf16"), tmp_path)
+    assert result["finished"] and np.isfinite(result["last_losses"]["total"])

@@ -1,14 +1,19 @@
-"""Supervised training of the one-step restorer, in two stages.
+"""Training of the one-step restorer, in three stages (OSEDiff's recipe, at the project's scale).
 
 1. `stage = "autoencoder"`: the VAE alone learns to reconstruct HQ faces (L1 + edge + a small KL),
    which is cheap (no UNet) and gives the latent space everything later builds on.
-2. `stage = "restorer"`: starting from that VAE, the encoder and the UNet step learn to map
-   degraded faces to clean latents on pairs made on the fly by the batched degradation; the
-   decoder is frozen (`freeze`), as in OSEDiff, so it keeps decoding the autoencoder's latents.
+2. `stage = "prior"`: with the VAE frozen, the UNet learns to denoise HQ face latents at every
+   noise level: a small latent diffusion model of faces, the stand-in for Stable Diffusion.
+3. `stage = "restorer"`: starting from the prior, the encoder and the UNet step learn to map
+   degraded faces to clean latents on pairs made on the fly by the batched degradation (full
+   weights, or LoRA with `lora_rank`); the decoder stays frozen (`freeze`), as in OSEDiff. Losses:
+   pixel L1 + edges, a perceptual term, and VSD against the frozen prior (`losses.vsd`), whose
+   fake-score network is trained alongside on the generator's outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -18,25 +23,32 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..models.restorer import OneStepRestorer
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .data import AlignedFaces
 from .degrade import DegradationConfig, Degrader
+from .losses import EncoderPerceptualLoss, diffusion_loss, l1_and_edges, vsd_loss
 
 
 @dataclass
 class LossWeights:
     restore_l1: float = 1.0
     restore_edge: float = 0.5
+    #: LPIPS-style distance on frozen autoencoder-encoder features (losses.EncoderPerceptualLoss).
+    perceptual: float = 0.0
+    #: variational score distillation against the frozen latent prior (restorer stage).
+    vsd: float = 0.0
     recon_l1: float = 1.0
     recon_edge: float = 0.5
     kl: float = 1e-6
+    #: denoising loss of the prior stage.
+    diffusion: float = 1.0
 
 
-STAGES = ("autoencoder", "restorer")
+STAGES = ("autoencoder", "prior", "restorer")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -61,6 +73,13 @@ class RestorerTrainConfig:
     num_workers: int = 2
     log_every: int = 10
     checkpoint_every: int = 200
+    #: restorer stage: the timestep the one UNet step reads the LQ latent at (None keeps the model's).
+    timestep: int | None = None
+    #: > 0: train LoRA adapters of this rank on the UNet and VAE encoder (merged at the end) instead of full weights.
+    lora_rank: int = 0
+    #: VSD: timesteps the generated latent is noised to, and the fake-score network's learning rate.
+    vsd_t_range: list[int] = field(default_factory=lambda: [20, 980])
+    fake_score_lr: float = 1e-4
     losses: LossWeights = field(default_factory=LossWeights)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
@@ -82,43 +101,97 @@ class RestorerTrainConfig:
         cfg = cls(**raw, losses=losses, degradation=degradation)
         if cfg.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {cfg.stage!r}")
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+        if cfg.stage != "restorer" and (cfg.lora_rank or cfg.losses.vsd or cfg.losses.perceptual or cfg.timestep is not None):
+            raise ValueError("lora_rank, timestep and the perceptual/vsd losses belong to the restorer stage")
         return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def sobel_edges(x: torch.Tensor) -> torch.Tensor:
-    """Horizontal and vertical gradients per channel: an L1 on them rewards sharp, aligned edges."""
-    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device, dtype=x.dtype)
-    weight = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, groups=x.shape[1])
+def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Clean-latent estimate of any UNet sharing the model's schedule (prior, fake score)."""
+    out = unet(z_t, t, encoder_hidden_states=context.expand(z_t.shape[0], -1, -1)).sample
+    return model.predict_x0(z_t, t, out)
 
 
-def _l1_and_edges(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.l1_loss(out, target), F.l1_loss(sobel_edges(out), sobel_edges(target))
+class StageObjective(torch.nn.Module):
+    """The model being trained plus the frozen networks its stage compares it with.
+
+    `forward(lq, hq)` returns the weighted loss terms ('total' is their sum), so accelerate/DDP
+    sees one forward per step. Images are in [-1, 1].
+    """
+
+    def __init__(self, model: OneStepRestorer, stage: str, weights: LossWeights):
+        super().__init__()
+        self.model, self.stage, self.weights = model, stage, weights
+        self.perceptual = EncoderPerceptualLoss(model.vae.encoder) if stage == "restorer" and weights.perceptual else None
+        self.prior = None
+        if stage == "restorer" and weights.vsd:
+            # Frozen before any LoRA is added: the prior the generator started from.
+            self.prior = copy.deepcopy(model.unet).eval().requires_grad_(False)
+            self.register_buffer("context", model.prompt_embeds.detach().clone())
+        self.last_latent: torch.Tensor | None = None
+
+    def forward(self, lq: torch.Tensor, hq: torch.Tensor, fake_x0=None, t_range=(20, 980)) -> dict[str, torch.Tensor]:
+        if self.stage == "autoencoder":
+            terms = autoencoder_losses(self.model, hq)
+        elif self.stage == "prior":
+            terms = prior_losses(self.model, hq)
+        else:
+            terms = self._restorer_terms(lq, hq, fake_x0, t_range)
+        terms["total"] = sum(getattr(self.weights, k) * v for k, v in terms.items())
+        return terms
+
+    def _restorer_terms(self, lq, hq, fake_x0, t_range) -> dict[str, torch.Tensor]:
+        """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
+        z = self.model.denoise_latent(self.model.encode(lq))
+        restored = self.model.decode(z, clamp=False)
+        l1, edge = l1_and_edges(restored, hq)
+        terms = {"restore_l1": l1, "restore_edge": edge}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(restored, hq)
+        if self.prior is not None:
+            real_x0 = lambda z_t, t: unet_x0(self.model, self.prior, self.context, z_t, t)
+            terms["vsd"] = vsd_loss(z, real_x0, fake_x0, self.model.scheduler, tuple(t_range))
+        self.last_latent = z.detach()
+        return terms
+
+
+class FakeScore(torch.nn.Module):
+    """VSD's second network: a copy of the prior that keeps learning the generator's own outputs."""
+
+    def __init__(self, model: OneStepRestorer, prior: torch.nn.Module):
+        super().__init__()
+        self.unet = copy.deepcopy(prior).train().requires_grad_(True)
+        self.register_buffer("context", model.prompt_embeds.detach().clone())
+        self.model = [model]  # for the schedule only; a list keeps it out of this module's parameters
+
+    def forward(self, z0: torch.Tensor) -> torch.Tensor:
+        model = self.model[0]
+        fn = lambda z_t, t: self.unet(z_t, t, encoder_hidden_states=self.context.expand(z_t.shape[0], -1, -1)).sample
+        return diffusion_loss(fn, model.scheduler, z0.float())
+
+    @torch.no_grad()
+    def x0(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet_x0(self.model[0], self.unet, self.context, z_t, t)
 
 
 def autoencoder_losses(model: OneStepRestorer, hq: torch.Tensor) -> dict[str, torch.Tensor]:
     """Reconstruction of HQ faces (in [-1,1]) through the VAE alone."""
     dist = model.vae.encode(hq).latent_dist
     recon = model.vae.decode(dist.mode()).sample
-    l1, edge = _l1_and_edges(recon, hq)
+    l1, edge = l1_and_edges(recon, hq)
     return {"recon_l1": l1, "recon_edge": edge, "kl": dist.kl().mean()}
 
 
-def restoration_losses(model: OneStepRestorer, lq: torch.Tensor, hq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
-    restored = model.decode(model.denoise_latent(model.encode(lq)), clamp=False)
-    l1, edge = _l1_and_edges(restored, hq)
-    return {"restore_l1": l1, "restore_edge": edge}
-
-
-def stage_losses(model: OneStepRestorer, stage: str, lq: torch.Tensor, hq: torch.Tensor, w: LossWeights) -> dict[str, torch.Tensor]:
-    """The loss terms of a stage (images in [-1,1]); 'total' is their weighted sum."""
-    terms = autoencoder_losses(model, hq) if stage == "autoencoder" else restoration_losses(model, lq, hq)
-    terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())
-    return terms
+def prior_losses(model: OneStepRestorer, hq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The latent prior: the UNet learns to denoise HQ face latents at every noise level."""
+    with torch.no_grad():
+        z0 = model.encode(hq, sample=False)
+    return {"diffusion": diffusion_loss(model.unet_output, model.scheduler, z0)}
 
 
 def freeze_modules(model: torch.nn.Module, prefixes: list[str]) -> int:
@@ -141,11 +214,6 @@ def lr_lambda(step: int, cfg: RestorerTrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, precision: str):
-    enabled = precision == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def _infinite(loader: DataLoader):
     while True:
         yield from loader
@@ -158,6 +226,54 @@ def load_model_for_training(spec: str) -> OneStepRestorer:
     return OneStepRestorer.from_config(spec)
 
 
+LORA_FILE = "lora.safetensors"
+
+
+def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRestorer, StageObjective]:
+    """The model (from the checkpoint when resuming) and its stage objective, LoRA added last.
+
+    With LoRA the checkpoint holds only the adapters: the frozen base is `cfg.model` itself.
+    """
+    model = load_model_for_training(cfg.model).train()
+    if cfg.timestep is not None:
+        model.config.timestep = cfg.timestep
+    # Frozen references (prior, perceptual features) always come from the starting model.
+    objective = StageObjective(model, cfg.stage, cfg.losses)
+    if ckpt is not None and not cfg.lora_rank:
+        model = objective.model = load_model_for_training(str(ckpt / "model")).train()
+    freeze_modules(model, cfg.freeze)
+    if cfg.lora_rank:
+        model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank)
+        model.freeze_base()
+        if ckpt is not None:
+            model.load_lora(ckpt / "model" / LORA_FILE)
+    return model, objective
+
+
+def _save_model(model: OneStepRestorer, folder: Path) -> None:
+    if model.lora_adapters:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_lora(folder / LORA_FILE)
+    else:
+        model.save_pretrained(folder)
+
+
+def _accelerator(device: str):
+    """accelerate places the model and shards the data across processes (`accelerate launch`).
+
+    Mixed precision is a plain bf16 autocast (`_autocast`), not accelerate's: its process-wide
+    state cannot change precision between runs in one process (tests, notebooks).
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=torch.device(device).type == "cpu")
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast (weights and optimizer state stay fp32); no GradScaler needed, unlike fp16."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_restorer(
     cfg: RestorerTrainConfig,
     run_dir: Path,
@@ -166,52 +282,76 @@ def train_restorer(
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict:
-    """Train (or resume) and return a summary; the final model is saved in run_dir/final."""
+    """Train (or resume) and return a summary; the final model is saved in run_dir/final.
+
+    Runs on one device, or on several with `accelerate launch` (each process gets its shard of
+    every batch; only the main process writes logs and checkpoints).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
+    acc = _accelerator(device)
+    torch.manual_seed(cfg.seed + acc.process_index)
     ckpt = find_checkpoint(run_dir) if resume else None
-    model = load_model_for_training(str(ckpt / "model") if ckpt else cfg.model).to(dev).train()
-    freeze_modules(model, cfg.freeze)
+    model, objective = _build_model(cfg, ckpt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fake = fake_opt = None
+    if objective.prior is not None:
+        fake = FakeScore(model, objective.prior)
+        fake_opt = torch.optim.AdamW(fake.parameters(), lr=cfg.fake_score_lr)
     step = 0
     if ckpt:
-        step, _ = load_training_state(ckpt, opt)
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        step, extra = load_training_state(ckpt, opt)
+        if fake is not None and "fake_score" in extra:
+            fake.load_state_dict(extra["fake_score"])
+            fake_opt.load_state_dict(extra["fake_score_opt"])
+    if acc.is_main_process:
+        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    degrader = Degrader(cfg.degradation, seed=cfg.seed + step, device=dev)
+    objective, opt, loader = acc.prepare(objective, opt, loader)
+    if fake is not None:
+        fake, fake_opt = acc.prepare(fake, fake_opt)
+    degrader = Degrader(cfg.degradation, seed=cfg.seed + step + 1000 * acc.process_index, device=acc.device)
     log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
     batches, t0, seen, start_step = _infinite(loader), time.perf_counter(), 0, step
     terms: dict[str, float] = {}
-    save = lambda: save_checkpoint(run_dir, model.save_pretrained, opt, step, {"config": cfg.to_dict()})
+
+    def save() -> None:
+        extra = {"config": cfg.to_dict()}
+        if fake is not None:
+            extra.update(fake_score=acc.unwrap_model(fake).state_dict(), fake_score_opt=fake_opt.state_dict())
+        if acc.is_main_process:
+            save_checkpoint(run_dir, lambda d: _save_model(model, d), opt, step, extra)
+
+    fake_x0 = acc.unwrap_model(fake).x0 if fake is not None else None
     while step < cfg.steps and not budget.expired():
-        hq = next(batches).to(dev)
+        hq = next(batches).to(acc.device)
         lq = degrader(hq)[0] if cfg.stage == "restorer" else hq
-        with _autocast(dev, cfg.precision):
-            losses = stage_losses(model, cfg.stage, lq * 2 - 1, hq * 2 - 1, cfg.losses)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        with _autocast(acc.device, cfg.precision):
+            losses = objective(lq * 2 - 1, hq * 2 - 1, fake_x0, cfg.vsd_t_range)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_lambda(step, cfg)
-        opt.step()
-        step, seen = step + 1, seen + hq.shape[0]
+        _update(acc, opt, losses["total"], trainable, cfg.grad_clip)
+        if fake is not None:
+            with _autocast(acc.device, cfg.precision):
+                losses["fake_score"] = fake(acc.unwrap_model(objective).last_latent)
+            _update(acc, fake_opt, losses["fake_score"], list(fake.parameters()), cfg.grad_clip)
+        step, seen = step + 1, seen + hq.shape[0] * acc.num_processes
         terms = {k: float(v.detach()) for k, v in losses.items()}
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
             rate = seen / (time.perf_counter() - t0)
-            log.write(step=step, images_per_s=round(rate, 3), **{k: round(v, 5) for k, v in terms.items()})
-        if on_step:
+            log.write(step=step, images_per_s=round(rate, 3), lr=round(cfg.lr * lr_lambda(step - 1, cfg), 8), **{k: round(v, 5) for k, v in terms.items()})
+        if on_step and acc.is_main_process:
             on_step(step, terms)
         if step % cfg.checkpoint_every == 0:
             save()
     save()
     elapsed = time.perf_counter() - t0
     finished = step >= cfg.steps
-    if finished:
-        model.eval().save_pretrained(run_dir / "final", dtype=torch.float16)
+    if finished and acc.is_main_process:
+        _export_final(model, run_dir / "final")
+    acc.wait_for_everyone()
     return {
         "step": step,
         "steps_this_run": step - start_step,
@@ -220,3 +360,17 @@ def train_restorer(
         "images_per_s": round(seen / max(elapsed, 1e-9), 3),
         "last_losses": terms,
     }
+
+
+def _update(acc, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, grad_clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    acc.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def _export_final(model: OneStepRestorer, folder: Path) -> None:
+    """The shipped form: LoRA merged into the base, fp16 weights."""
+    if model.lora_adapters:
+        model.merge_lora()
+    model.eval().save_pretrained(folder, dtype=torch.float16)
