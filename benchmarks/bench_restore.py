@@ -1,16 +1,19 @@
 """End-to-end and model-only throughput of `facerestore restore`.
 
     python benchmarks/bench_restore.py --device cpu --threads 2
+    python benchmarks/bench_restore.py --device cuda --precision fp16 --model-only --batches 1,16
 
 End to end: the whole images of ../shared/data/real_lq (read, detect, align, restore, paste,
 write) through the same `run_restore` the CLI uses, after one warm-up image. Model only: the
-restorer on random 512x512 faces at the given batch sizes. Prints a Markdown table row block to
-paste into benchmarks/RESULTS.md, with the machine it ran on.
+restorer alone (no colour fix) on random faces at 512 px (--size), at each of --batches, after
+one warm-up call: the median over --repeats calls, as faces per second. Prints one Markdown row
+per setting, in the columns of benchmarks/RESULTS.md (date | machine | settings | what | result).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import statistics
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from facerestore_cli.media import IMAGE_EXTS
-from facerestore_cli.pipeline import RestoreOptions, build_engine, run_restore
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_lq"
 WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffBIR/inputs/demo/bfr/whole_img"]
@@ -29,7 +32,7 @@ WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffB
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
 def whole_images() -> list[str]:
@@ -46,40 +49,71 @@ def end_to_end(engine, files: list[str]) -> dict:
     return {"images": summary.images, "faces": summary.faces_restored, "seconds": summary.seconds}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
-def model_only(engine, batch: int, repeats: int) -> float:
-    """Median seconds per face for the restorer alone at 512 px."""
-    x = torch.rand(batch, 3, 512, 512, device=engine.device, dtype=engine.dtype) * 2 - 1
-    engine.model(x)
+def model_only(engine, batch: int, repeats: int, size: int = 512) -> tuple[float, float | None]:
+    """Median seconds per face of the restorer alone at size px, and peak GPU memory (GiB; None on CPU)."""
+    x = torch.rand(batch, 3, size, size, device=engine.device, dtype=engine.dtype) * 2 - 1
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.model(x)  # warm-up: kernels chosen, memory allocated
     times = []
     for _ in range(repeats):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(engine.device)
         t = time.perf_counter()
         engine.model(x)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(engine.device)
         times.append((time.perf_counter() - t) / batch)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes, e.g. 1,16")
+    return sizes
+
+
+def row(settings: str, what: str, result: str, where: str) -> str:
+    """One row in the columns of benchmarks/RESULTS.md."""
+    return f"| {datetime.date.today().isoformat()} | {where} | {settings} | {what} | {result} |"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help=f"restorer folder [default: {DEFAULT_MODEL.name}]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--batch-sizes", default="1,4")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batches", "--batch-sizes", type=_batches, default=[1, 16], help="model-only batch sizes [default: 1,16]")
+    ap.add_argument("--size", type=int, default=512, help="model-only face size in pixels [default: 512]")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
+    ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(device=args.device, precision=args.precision, batch_size=4)
-    print(f"machine: {machine()}; device {engine.device}, {args.precision}")
-    e2e = end_to_end(engine, whole_images())
-    print(f"| end to end, real_lq whole images | {e2e['images']} images, {e2e['faces']} faces | "
-          f"{e2e['images'] / e2e['seconds']:.2f} images/s | {e2e['faces'] / e2e['seconds']:.2f} faces/s |")
-    for b in (int(s) for s in args.batch_sizes.split(",")):
-        per_face = model_only(engine, b, args.repeats)
-        print(f"| model only, 512 px, batch {b} | | {per_face * 1000:.0f} ms/face | {1 / per_face:.2f} faces/s |")
+    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4)
+    where = machine()
+    name = (args.model or DEFAULT_MODEL).name
+    settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads"
+    print(f"machine: {where}")
+    print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
+    if not args.model_only:
+        e2e = end_to_end(engine, whole_images())
+        what = f"end to end, real_lq whole images, batch 4, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
+        print(row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where), flush=True)
+    for b in args.batches:
+        per_face, peak = model_only(engine, b, args.repeats, args.size)
+        mem = "" if peak is None else f", peak {peak:.1f} GiB"
+        result = f"{1 / per_face:.2f} faces/s ({per_face * 1000:.1f} ms/face{mem})"
+        print(row(f"{settings}, median of {args.repeats}", f"model only, {args.size} px, batch {b}", result, where), flush=True)
 
 
 if __name__ == "__main__":

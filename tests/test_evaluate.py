@@ -16,9 +16,11 @@ from facerestore_cli.evaluate import (
     EvalInputError,
     degrade_folder,
     evaluate,
+    find_lq,
     load_degradation_config,
     source_images,
 )
+from facerestore_cli.metrics.identity import identity_unavailable_reason
 from facerestore_cli.train.degrade import DegradationConfig
 
 MILD = DegradationConfig(blur_sigma=(0.5, 2.0), downsample=(1.0, 2.0), noise_sigma=(0.0, 5.0), jpeg_quality=(60, 95))
@@ -184,3 +186,54 @@ def test_cli_degrade_and_eval(hq_folder, tiny_model, tmp_path):
     assert res.exit_code == 2 and "no lq/ and hq/" in res.output
     res = runner.invoke(main, ["eval", "--list-metrics"])
     assert res.exit_code == 0 and "niqe" in res.output
+
+
+@pytest.fixture(scope="module")
+def real_like(pairs, tmp_path_factory) -> list[Path]:
+    """Two LQ folders as in real_lq: one with a subfolder, one with a crop of another size and a repeated name."""
+    root = tmp_path_factory.mktemp("real")
+    a, b = root / "GFPGAN" / "cropped_faces", root / "DiffBIR" / "aligned"
+    for rel in ("face_0.png", "face_1.png", "sub/face_9.png"):
+        (a / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a / rel).write_bytes((pairs / "lq" / rel).read_bytes())
+    b.mkdir(parents=True)
+    cv2.imwrite(str(b / "face_0.png"), cv2.resize(cv2.imread(str(pairs / "lq" / "face_2.png")), (58, 61)))
+    return [a, b]
+
+
+def test_find_lq_pools_folders_without_clashes(real_like):
+    names = [it.name for it in find_lq(real_like)]
+    assert names == ["GFPGAN/cropped_faces/face_0", "GFPGAN/cropped_faces/face_1", "GFPGAN/cropped_faces/sub/face_9", "DiffBIR/aligned/face_0"]
+    # a parent folder next to one of its subfolders: every file once
+    assert len(find_lq([real_like[0].parents[1], real_like[0]])) == 4
+    assert [it.name for it in find_lq(real_like[0])] == ["face_0", "face_1", "sub/face_9"]
+
+
+def test_evaluate_identity_against_input_without_ground_truth(real_like, tiny_model):
+    if reason := identity_unavailable_reason():
+        pytest.skip(f"identity metric unavailable: {reason}")
+    result = evaluate(lq=real_like, models=[tiny_model], metrics=["psnr", "identity", "identity_dist", "niqe"], input_reference=True, batch_size=4)
+    assert [m.name for m in result.metrics] == ["identity@input", "identity_dist@input", "niqe"]
+    assert result.reference == {"identity@input": "input", "identity_dist@input": "input", "niqe": None}
+    assert "reward doing nothing" in result.skipped["psnr"] and "ground truth" in result.skipped["identity"]
+    assert result.images == 4 and result.counts["tiny-random"]["identity_dist@input"] == 4  # the 58x61 crop too
+    assert result.table["input"]["identity@input"] == pytest.approx(1.0) and result.table["input"]["identity_dist@input"] == pytest.approx(0.0)
+    for method in ("bicubic_unsharp", "tiny-random"):
+        assert 0 < result.table[method]["identity_dist@input"] < 2 and result.table[method]["identity@input"] < 1
+    assert result.to_dict()["metrics"]["identity@input"]["reference"] == "input"
+    with pytest.raises(EvalInputError, match="identity metrics"):
+        evaluate(lq=real_like, metrics=["niqe"], input_reference=True)
+
+
+def test_cli_eval_several_lq_folders_against_input(real_like, tmp_path):
+    if reason := identity_unavailable_reason():
+        pytest.skip(f"identity metric unavailable: {reason}")
+    js = tmp_path / "s.json"
+    args = ["eval", "--lq", str(real_like[0]), "--lq", str(real_like[1]), "--baselines-only", "--input-reference", "--metrics", "psnr,identity_dist", "--json", str(js), "--device", "cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "identity_dist@input" in res.output and "(0.0000)" in res.output and "against the degraded input" in res.output
+    data = json.loads(js.read_text())
+    assert data["images"] == 4 and set(data["table"]["bicubic_unsharp"]) == {"identity_dist@input"}
+    res = CliRunner().invoke(main, ["eval", "--lq", str(real_like[0]), "--lq", str(tmp_path / "missing"), "--baselines-only"])
+    assert res.exit_code == 2 and "missing: not a folder" in res.output
