@@ -151,3 +151,20 @@ def test_prior_then_restorer_with_vsd_perceptual_and_lora_resumes(prepared: Path
 def test_bf16_mixed_precision_trains(prepared: Path, tmp_path: Path) -> None:
     result = train_restorer(tiny_run_config(prepared, 2, precision="bf16"), tmp_path)
     assert result["finished"] and np.isfinite(result["last_losses"]["total"])
+
+
+def test_two_process_training_through_torchrun(prepared: Path, tmp_path: Path) -> None:
+    """accelerate shards the batches over processes (here 2 CPU processes with gloo, as on 2 GPUs)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny_run_config(prepared, 2, timestep=250).to_dict()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "facerestore_cli.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("final model:") + done.stderr.count("final model:") == 1, "only the main process reports"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2], "one log line per step, from the main process only"
+    assert OneStepRestorer.from_pretrained(tmp_path / "run" / "final").config.timestep == 250
