@@ -123,10 +123,13 @@ def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "learning_rate" in result.output
 
 
-@pytest.mark.parametrize("name", ["train_tiny_autoencoder.toml", "train_tiny.toml"])
-def test_shipped_training_configs_parse(name: str) -> None:
-    cfg = RestorerTrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / name)
-    assert cfg.stage in ("autoencoder", "restorer") and cfg.steps > 0
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("train_tiny*.toml")) + sorted(CONFIGS.glob("experiments/*.toml")), ids=lambda p: p.name)
+def test_shipped_training_configs_parse(path: Path) -> None:
+    cfg = RestorerTrainConfig.from_file(path)
+    assert cfg.stage in ("autoencoder", "prior", "restorer") and cfg.steps > 0
     assert isinstance(cfg.degradation, DegradationConfig) and cfg.degradation.jpeg_quality[0] >= 1
 
 
