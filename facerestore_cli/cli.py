@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -179,6 +180,9 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
         cfg.steps = steps
     if not cfg.data:
         fail("no training data: give --data or set `data` in the config")
+    if int(os.environ.get("RANK", "0")) != 0:  # other processes of `torchrun`/`accelerate launch`: no output
+        train_restorer(cfg, run_dir, device=str(resolve_device(device)), resume=resume, max_minutes=max_minutes)
+        return
     with _progress() as progress:
         task = progress.add_task("training", total=cfg.steps)
 
@@ -257,6 +261,11 @@ def degrade(src, outdir, seed, config_path, blur_sigma, downsample, noise, jpeg_
         fail(f"no readable images in {src}")
 
 
+def _ranked(result, method: str, metric: str) -> bool:
+    """Whether a cell competes for best: not the ground truth, nor the input scored against itself."""
+    return method != "ground_truth" and not (method == "input" and result.reference.get(metric) == "input")
+
+
 def _metric_table(result) -> Table:
     table = Table(title=f"{result.source}: {result.images} image(s)")
     table.add_column("method")
@@ -265,7 +274,7 @@ def _metric_table(result) -> Table:
     table.add_column("s / image", justify="right")
     best = {}
     for m in result.metrics:
-        vals = [(v, k) for k, row in result.table.items() if k != "ground_truth" and (v := row.get(m.name)) is not None and v == v]
+        vals = [(v, k) for k, row in result.table.items() if _ranked(result, k, m.name) and (v := row.get(m.name)) is not None and v == v]
         if vals:
             best[m.name] = (min if m.lower_better else max)(vals)[1]
     for method in result.methods:
@@ -274,6 +283,8 @@ def _metric_table(result) -> Table:
         for m in result.metrics:
             v = row.get(m.name)
             text = "" if v is None else ("n/a" if v != v else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+            if not _ranked(result, method, m.name) and text:
+                text = f"({text})"  # the input against itself: perfect by construction
             cells.append(f"[bold]{text}[/bold]" if best.get(m.name) == method else text)
         secs = result.seconds_per_image.get(method)
         table.add_row(method, *cells, "" if secs is None else f"{secs:.3f}")
@@ -282,7 +293,8 @@ def _metric_table(result) -> Table:
 
 @main.command("eval")
 @click.option("--pairs", type=click.Path(path_type=Path), default=None, help="Pair folder with lq/ and hq/ (from `facerestore degrade`).")
-@click.option("--lq", "lq_dir", type=click.Path(path_type=Path), default=None, help="Folder of LQ aligned crops without ground truth (no-reference metrics only).")
+@click.option("--lq", "lq_dirs", multiple=True, type=click.Path(path_type=Path), help="Folder of LQ aligned crops without ground truth, searched recursively; repeat to pool several in one table.")
+@click.option("--input-reference", is_flag=True, help="Also score identity metrics against the degraded input (as identity@input): for --lq sets without ground truth.")
 @click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Restorer folder; repeat to compare several [default: bundled weights/restorer-tiny].")
 @click.option("--baselines-only", is_flag=True, help="Score only the baselines (input, bicubic_unsharp).")
 @click.option("--metrics", default="all", show_default=True, help="Comma-separated metric names (see --list-metrics).")
@@ -296,12 +308,20 @@ def _metric_table(result) -> Table:
 @click.option("--size", type=click.IntRange(16), default=None, help="Restore and score at SIZE x SIZE [default: the ground truth's size].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--list-metrics", is_flag=True, help="List every metric, whether it can run here and why not, then exit.")
-def evaluate_cmd(pairs, lq_dir, models, baselines_only, metrics, grid, grid_rows, json_path, device, precision, batch_size, color_fix, size, limit, list_metrics) -> None:
+def evaluate_cmd(pairs, lq_dirs, input_reference, models, baselines_only, metrics, grid, grid_rows, json_path, device, precision, batch_size, color_fix, size, limit, list_metrics) -> None:
     """Restore degraded faces with each --model and baselines, and score them with quality metrics.
 
+    With --pairs every metric runs against the ground truth. With --lq (real photos, no ground
+    truth) only no-reference metrics run, unless --input-reference: then identity and
+    identity_dist are also scored against the degraded input itself, reported as identity@input
+    and identity_dist@input (does the output still show the person in the input?). The `input`
+    row is that very image, so it scores perfectly there by construction: shown in parentheses,
+    never ranked. PSNR/SSIM are not scored against the input (they would reward doing nothing).
+
     \b
-    Example:
+    Examples:
       facerestore eval --pairs data/val_pairs --model runs/tiny/final --grid grid.png --json scores.json
+      facerestore eval --lq real/CodeFormer/inputs/cropped_faces --lq real/GPEN/examples/grays --input-reference
     """
     import json
 
@@ -322,8 +342,8 @@ def evaluate_cmd(pairs, lq_dir, models, baselines_only, metrics, grid, grid_rows
     from .evaluate import EvalInputError, evaluate
     from .pipeline import DEFAULT_MODEL, resolve_device, resolve_dtype
 
-    if (pairs is None) == (lq_dir is None):
-        fail("give exactly one of --pairs DIR or --lq DIR")
+    if (pairs is None) == (not lq_dirs):
+        fail("give exactly one of --pairs DIR or --lq DIR (repeatable)")
     if baselines_only and models:
         fail("--baselines-only and --model exclude each other")
     wanted = None if metrics.strip().lower() == "all" else [m for m in metrics.split(",") if m.strip()]
@@ -334,13 +354,16 @@ def evaluate_cmd(pairs, lq_dir, models, baselines_only, metrics, grid, grid_rows
         with _progress() as progress:
             task = progress.add_task("evaluating", total=None)
             result = evaluate(
-                pairs=pairs, lq=lq_dir, models=chosen, metrics=wanted, device=dev, dtype=dtype, batch_size=batch_size, color_fix=color_fix, size=size,
-                grid=grid, grid_rows=grid_rows, limit=limit,
+                pairs=pairs, lq=list(lq_dirs) or None, models=chosen, metrics=wanted, device=dev, dtype=dtype, batch_size=batch_size, color_fix=color_fix, size=size,
+                grid=grid, grid_rows=grid_rows, limit=limit, input_reference=input_reference,
                 on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
             )  # fmt: skip
     except (EvalInputError, ValueError) as err:
         fail(str(err))
     out.print(_metric_table(result))
+    at_input = [m for m, ref in result.reference.items() if ref == "input"]
+    if at_input:
+        out.print(f"{', '.join(at_input)}: against the degraded input, not ground truth; (input) is that image itself, perfect by construction", highlight=False, soft_wrap=True)
     for m in result.metrics:
         if any(result.counts[k].get(m.name, 1) == 0 for k in result.methods):
             out.print(f"n/a: {m.name} could not be computed for those images ({m.description})", highlight=False, soft_wrap=True)
@@ -356,6 +379,11 @@ def evaluate_cmd(pairs, lq_dir, models, baselines_only, metrics, grid, grid_rows
         json_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         out.print(f"json: {json_path}")
 
+
+from .commands import frm as _frm  # noqa: E402  (registered last: it imports console/fail from here)
+
+for _cmd in (_frm.frm_pairs, _frm.frm_import, _frm.frm_annotate, _frm.train_frm_cmd, _frm.frm_eval, _frm.score_cmd, _frm.label_cmd):
+    main.add_command(_cmd)
 
 if __name__ == "__main__":
     main()

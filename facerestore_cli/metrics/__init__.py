@@ -13,6 +13,7 @@
 | `identity_dist` | full-reference | lower | dlib's embedding distance (< 0.6: same person) |
 | `lpips` | full-reference | lower | LPIPS (AlexNet), only when the lpips package and its backbone are on disk |
 | `niqe` | no-reference | lower | NIQE with the MATLAB release's pristine model (`weights/niqe/`) |
+| `frm` | no-reference | higher | the bundled Face Reward Model (`weights/frm-tiny/`) |
 | `pyiqa:<name>` | either | either | pyiqa's metrics, only when pyiqa and the weights are installed |
 
 A metric that cannot run here is listed with a one-line reason; none ever downloads weights or

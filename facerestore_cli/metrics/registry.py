@@ -7,11 +7,12 @@ import torch
 from .base import Metric, MetricInfo, MetricUnavailable
 from .classic import PSNR, SSIM
 from .external import LPIPS, PYIQA_METRICS, PYIQA_PREFIX, PyiqaMetric, pyiqa_installed, pyiqa_unavailable_reason
+from .frm import FRMScore
 from .identity import IdentityDistance, IdentitySimilarity
 from .niqe import NIQE
 
 #: The project's own metrics, in the order tables show them.
-BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE)}
+BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE, FRMScore)}
 
 
 def list_metrics() -> list[str]:

@@ -1,0 +1,428 @@
+"""Training the Face Reward Model on preference pairs (Bradley-Terry), with checkpoints and resume.
+
+    loss = -[t log sigmoid(z) + (1 - t) log sigmoid(-z)],  z = exp(logit_scale) (score_a - score_b)
+
+for a pair with target t (1: a preferred, 0: b preferred, 0.5: tie) and a per-pair weight (the
+SVM's confidence, or a per-source weight). For two images this is the cross-entropy HPSv2 and
+DiffusionReward train their reward models with. A fixed share of the pairs' groups (faces) is held
+out and scored every `val_every` steps: pairwise accuracy on them is the number to watch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from ..media import MediaError, read_image
+from ..train.checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
+from .annotations import LoadResult, Pair, RowError, load_annotations
+from .frm import FaceRewardModel, FrmConfig, load_frm, resize_for_model
+
+
+@dataclass
+class FrmTrainConfig:
+    """Everything a run depends on; saved beside its checkpoints so it can be repeated."""
+
+    pairs: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
+    #: start from an FRM folder or an upstream open_clip checkpoint (HPSv2, FaceRewardModel.pth).
+    init: str = ""
+    #: open_clip architecture of an upstream `init` checkpoint.
+    clip: str | dict[str, Any] = "ViT-H-14"
+    #: open_clip only: keep this many last image groups / text layers trainable (paper: 20 / 11).
+    unlocked_image_groups: int | None = None
+    unlocked_text_layers: int | None = None
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    flip: bool = True
+    val_fraction: float = 0.05
+    val_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 100
+    save_dtype: str = "fp32"
+    source_weights: dict[str, float] = field(default_factory=lambda: {"human": 1.0, "auto": 1.0, "svm": 1.0})
+    #: how often pairs of a kind are drawn, relative to 1 (e.g. more of the rare `gt>restored`).
+    kind_sampling: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "FrmTrainConfig":
+        """A TOML or JSON config; relative `pairs`/`init` paths are kept as written (run from the repo)."""
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "FrmTrainConfig":
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown train-frm config keys: {', '.join(sorted(unknown))}")
+        cfg = cls(**raw)
+        if not 0 <= cfg.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
+        if any(not w > 0 for w in cfg.kind_sampling.values()):
+            raise ValueError("kind_sampling weights must be positive")
+        if cfg.save_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"save_dtype must be fp32 or fp16, not {cfg.save_dtype!r}")
+        FrmConfig.from_dict(cfg.model)  # fail early on a bad [model] table
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ data
+def pair_group(p: Pair) -> str:
+    """The unit of the train/validation split: the face (group), else the two images."""
+    return p.group or "|".join(sorted([Path(p.image_a).name, Path(p.image_b).name]))
+
+
+def is_validation(group: str, fraction: float, seed: int) -> bool:
+    """A stable hash split: a group is always on the same side, across runs and resumes."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{group}".encode()).digest()[:4], "little")
+    return h / 2**32 < fraction
+
+
+def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    train, val = [], []
+    for p in pairs:
+        (val if is_validation(pair_group(p), fraction, seed) else train).append(p)
+    return train, val
+
+
+def load_pair_files(files: Sequence[str | Path]) -> tuple[list[Pair], list[RowError]]:
+    """All labelled pairs of the given files; bad rows come back as errors, the rest is used."""
+    pairs: list[Pair] = []
+    errors: list[RowError] = []
+    for f in files:
+        result: LoadResult = load_annotations(f, default_source="auto")
+        pairs += [p for p in result.pairs if p.preferred is not None]
+        errors += result.errors
+    return pairs, errors
+
+
+def load_face(path: Path, size: int) -> torch.Tensor:
+    """3xSxS float in [0, 1] with the FRM's own resize; MediaError for unreadable files."""
+    rgb = read_image(path).rgb
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
+    return resize_for_model(x, size)[0]
+
+
+class PairDataset(Dataset):
+    """(image a, image b, target, weight, caption); an unreadable pair comes back as None."""
+
+    def __init__(self, pairs: Sequence[Pair], size: int, flip: bool, source_weights: dict[str, float] | None = None) -> None:
+        self.pairs = list(pairs)
+        self.size = size
+        self.flip = flip
+        self.source_weights = source_weights or {}
+        self.bad_files: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _image(self, path: Path) -> torch.Tensor:
+        x = load_face(path, self.size)
+        return x.flip(-1) if self.flip and random.random() < 0.5 else x
+
+    def __getitem__(self, idx: int):
+        p = self.pairs[idx]
+        try:
+            a, b = self._image(p.image_a), self._image(p.image_b)
+        except MediaError as err:
+            self.bad_files[str(err.path)] = err.reason
+            return None
+        weight = p.weight * self.source_weights.get(p.source, 1.0)
+        return a, b, torch.tensor(p.target), torch.tensor(weight), p.caption
+
+
+def collate_pairs(items: list) -> tuple | None:
+    items = [i for i in items if i is not None]
+    if not items:
+        return None
+    a, b, t, w, caps = zip(*items)
+    return torch.stack(a), torch.stack(b), torch.stack(t), torch.stack(w), list(caps)
+
+
+# ------------------------------------------------------------------ loss and evaluation
+def bt_loss(model: FaceRewardModel, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, captions: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted Bradley-Terry loss of a batch and the per-pair logits (both images in one pass)."""
+    caps = None if captions is None else list(captions) * 2
+    scores = model(torch.cat([a, b]), caps)
+    sa, sb = scores.chunk(2)
+    logits = model.preference_logits(sa, sb)
+    per_pair = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (per_pair * weight).sum() / weight.sum().clamp(min=1e-8), logits.detach()
+
+
+def pair_accuracy(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted) over pairs that are not ties."""
+    decided = target != 0.5
+    correct = ((logits > 0) == (target > 0.5)) & decided
+    return int(correct.sum()), int(decided.sum())
+
+
+@dataclass
+class PairEval:
+    """Held-out pairwise accuracy, overall and by kind, and how often a face is ranked fully right."""
+
+    pairs: int = 0
+    accuracy: float = float("nan")
+    loss: float = float("nan")
+    by_kind: dict[str, tuple[float, int]] = field(default_factory=dict)
+    ranking_faces: int = 0
+    ranking_correct: float = float("nan")
+    mean_scores: dict[str, float] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_ROLES = {"gt>restored": ("ground truth", "restored"), "restored>degraded": ("restored", "degraded (full strength)"), "gt>degraded": ("ground truth", None)}
+
+
+@torch.no_grad()
+def score_files(model: FaceRewardModel, paths: Sequence[Path], batch_size: int = 32, captions: Sequence[str] | None = None) -> tuple[dict[Path, float], dict[str, str]]:
+    """Scores of image files (each read once), and the unreadable ones with their reason."""
+    was_training = model.training
+    model.eval()
+    scores: dict[Path, float] = {}
+    bad: dict[str, str] = {}
+    todo = list(dict.fromkeys(paths))
+    caps = dict(zip(paths, captions)) if captions is not None else {}
+    for i in range(0, len(todo), batch_size):
+        chunk, xs = [], []
+        for p in todo[i : i + batch_size]:
+            try:
+                xs.append(load_face(p, model.config.image_size))
+                chunk.append(p)
+            except MediaError as err:
+                bad[str(p)] = err.reason
+        if xs:
+            out = model(torch.stack(xs).to(model.device), [caps.get(p, "") for p in chunk] if caps else None)
+            scores.update(zip(chunk, out.float().cpu().tolist()))
+    model.train(was_training)
+    return scores, bad
+
+
+def evaluate_pairs(model: FaceRewardModel, pairs: Sequence[Pair], batch_size: int = 32) -> PairEval:
+    """Score every image once, then compare the pairs (captioned pairs are scored per pair)."""
+    labelled = [p for p in pairs if p.preferred is not None]
+    result = PairEval(pairs=len(labelled))
+    if not labelled:
+        return result
+    if model.uses_captions and any(p.caption for p in labelled):
+        return _evaluate_captioned(model, labelled, batch_size)
+    scores, result.unreadable = score_files(model, [x for p in labelled for x in (p.image_a, p.image_b)], batch_size)
+    usable = [p for p in labelled if p.image_a in scores and p.image_b in scores]
+    diffs = torch.tensor([scores[p.image_a] - scores[p.image_b] for p in usable])
+    targets = torch.tensor([p.target for p in usable])
+    _fill(result, model, usable, diffs, targets)
+    _ranking(result, usable, scores)
+    return result
+
+
+def _evaluate_captioned(model: FaceRewardModel, pairs: list[Pair], batch_size: int) -> PairEval:
+    result = PairEval(pairs=len(pairs))
+    diffs, usable = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            try:
+                a = torch.stack([load_face(p.image_a, model.config.image_size) for p in chunk])
+                b = torch.stack([load_face(p.image_b, model.config.image_size) for p in chunk])
+            except MediaError as err:
+                result.unreadable[str(err.path)] = err.reason
+                continue
+            caps = [p.caption for p in chunk]
+            s = model(torch.cat([a, b]).to(model.device), caps + caps).float().cpu()
+            diffs += (s[: len(chunk)] - s[len(chunk) :]).tolist()
+            usable += chunk
+    model.train(was_training)
+    _fill(result, model, usable, torch.tensor(diffs), torch.tensor([p.target for p in usable]))
+    return result
+
+
+def _fill(result: PairEval, model: FaceRewardModel, usable: list[Pair], diffs: torch.Tensor, targets: torch.Tensor) -> None:
+    if not usable:
+        return
+    logits = model.backbone.logit_scale.detach().float().exp().clamp(max=100.0).cpu() * diffs
+    result.loss = float(F.binary_cross_entropy_with_logits(logits, targets))
+    correct, counted = pair_accuracy(logits, targets)
+    result.accuracy = correct / counted if counted else float("nan")
+    kinds: dict[str, list[int]] = {}
+    for p, d in zip(usable, diffs.tolist()):
+        if p.preferred != "tie":
+            kinds.setdefault(p.kind or p.source, []).append(int((d > 0) == (p.preferred == "a")))
+    result.by_kind = {k: (sum(v) / len(v), len(v)) for k, v in sorted(kinds.items())}
+
+
+def _ranking(result: PairEval, usable: list[Pair], scores: dict[Path, float]) -> None:
+    """Faces whose ground truth > restored > full-strength degraded all hold, and mean role scores."""
+    per_group: dict[str, dict[str, Pair]] = {}
+    roles: dict[str, set[Path]] = {}
+    for p in usable:
+        if p.kind in ("gt>restored", "restored>degraded"):
+            per_group.setdefault(p.group, {})[p.kind] = p
+            a_role, b_role = _ROLES[p.kind]
+            roles.setdefault(a_role, set()).add(p.image_a)
+            roles.setdefault(b_role, set()).add(p.image_b)
+    full = [g for g in per_group.values() if len(g) == 2]
+    if full:
+        ok = [scores[g["gt>restored"].image_a] > scores[g["gt>restored"].image_b] > scores[g["restored>degraded"].image_b] for g in full]
+        result.ranking_faces, result.ranking_correct = len(full), sum(ok) / len(ok)
+    result.mean_scores = {role: float(np.mean([scores[x] for x in xs])) for role, xs in roles.items()}
+
+
+# ------------------------------------------------------------------ model setup
+def build_model(cfg: FrmTrainConfig, checkpoint: Path | None) -> FaceRewardModel:
+    """From the checkpoint when resuming, else from `init`, else a fresh model of `[model]`."""
+    if checkpoint is not None:
+        model = FaceRewardModel.from_pretrained(checkpoint / "model")
+    elif cfg.init:
+        model = load_frm(cfg.init, clip=cfg.clip)
+    else:
+        model = FaceRewardModel(FrmConfig.from_dict(cfg.model))
+    if model.config.backbone == "open_clip":
+        model.backbone.lock(cfg.unlocked_image_groups, cfg.unlocked_text_layers)
+    return model.train()
+
+
+def make_optimizer(model: FaceRewardModel, cfg: FrmTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on gains, biases and the temperature (CLIP's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def lr_factor(step: int, cfg: FrmTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _batches(data: PairDataset, cfg: FrmTrainConfig, start_step: int) -> Iterator[tuple]:
+    """Endless shuffled (or kind-weighted) batches, seeded by (seed, epoch, step at start)."""
+    epoch = 0
+    weights = [cfg.kind_sampling.get(p.kind, 1.0) for p in data.pairs] if cfg.kind_sampling else None
+    while True:
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + start_step)
+        order = {"sampler": WeightedRandomSampler(weights, len(weights), generator=gen)} if weights else {"shuffle": True, "generator": gen}
+        loader = DataLoader(data, batch_size=cfg.batch_size, drop_last=len(data) > cfg.batch_size, collate_fn=collate_pairs, **order)
+        for batch in loader:
+            if batch is not None:
+                yield batch
+        epoch += 1
+
+
+# ------------------------------------------------------------------ the loop
+@dataclass
+class TrainFrmResult:
+    step: int
+    steps_this_run: int
+    finished: bool
+    seconds: float
+    pairs_per_s: float
+    train_pairs: int
+    val_pairs: int
+    last_loss: float
+    last_train_accuracy: float
+    val: PairEval | None
+    row_errors: list[RowError] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def _validate(model: FaceRewardModel, pairs: list[Pair], step: int, log: JsonlLog, on_val: Callable[[int, PairEval], None] | None) -> PairEval:
+    val = evaluate_pairs(model, pairs)
+    log.write(step=step, val_accuracy=round(val.accuracy, 4), val_loss=round(val.loss, 5), val_by_kind=val.by_kind)
+    if on_val:
+        on_val(step, val)
+    return val
+
+
+def train_frm(
+    cfg: FrmTrainConfig,
+    run_dir: Path,
+    device: str = "cpu",
+    resume: bool = True,
+    max_minutes: float | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    on_val: Callable[[int, PairEval], None] | None = None,
+) -> TrainFrmResult:
+    """Train (or resume) an FRM; the final model is saved to run_dir/final."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs, row_errors = load_pair_files(cfg.pairs)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    if not train_pairs:
+        raise ValueError("no labelled training pairs in " + ", ".join(cfg.pairs) + (f" ({len(row_errors)} bad rows)" if row_errors else ""))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ckpt = find_checkpoint(run_dir) if resume else None
+    model = build_model(cfg, ckpt).to(device)
+    opt = make_optimizer(model, cfg)
+    step = 0
+    if ckpt:
+        step, _ = load_training_state(ckpt, opt)
+    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    data = PairDataset(train_pairs, model.config.image_size, cfg.flip, cfg.source_weights)
+    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
+    batches, t0, seen, start = _batches(data, cfg, step), time.perf_counter(), 0, step
+    loss_v, acc_v, val, val_step = float("nan"), float("nan"), None, -1
+    save = lambda: save_checkpoint(run_dir, model.save_pretrained, opt, step, {"config": cfg.to_dict()})  # noqa: E731
+    while step < cfg.steps and not budget.expired():
+        a, b, t, w, caps = next(batches)
+        loss, logits = bt_loss(model, a.to(device), b.to(device), t.to(device), w.to(device), caps if model.uses_captions else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        opt.step()
+        step, seen = step + 1, seen + len(t)
+        correct, counted = pair_accuracy(logits.cpu(), t)
+        loss_v, acc_v = float(loss.detach()), (correct / counted if counted else float("nan"))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.write(step=step, loss=round(loss_v, 5), train_accuracy=round(acc_v, 4), pairs_per_s=round(seen / (time.perf_counter() - t0), 2))
+        if on_step:
+            on_step(step, loss_v, acc_v)
+        if val_pairs and step % cfg.val_every == 0:
+            val, val_step = _validate(model, val_pairs, step, log, on_val), step
+        if step % cfg.checkpoint_every == 0:
+            save()
+    if val_pairs and val_step != step:
+        val = _validate(model, val_pairs, step, log, on_val)
+    save()
+    finished = step >= cfg.steps
+    if finished:
+        model.eval().save_pretrained(run_dir / "final", dtype=torch.float16 if cfg.save_dtype == "fp16" else None)
+    elapsed = time.perf_counter() - t0
+    return TrainFrmResult(
+        step=step, steps_this_run=step - start, finished=finished, seconds=round(elapsed, 1), pairs_per_s=round(seen / max(elapsed, 1e-9), 2),
+        train_pairs=len(train_pairs), val_pairs=len(val_pairs), last_loss=loss_v, last_train_accuracy=acc_v, val=val,
+        row_errors=row_errors, unreadable=dict(data.bad_files),
+    )  # fmt: skip
