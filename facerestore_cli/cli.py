@@ -385,5 +385,9 @@ from .commands import frm as _frm  # noqa: E402  (registered last: it imports co
 for _cmd in (_frm.frm_pairs, _frm.frm_import, _frm.frm_annotate, _frm.train_frm_cmd, _frm.frm_eval, _frm.score_cmd, _frm.label_cmd):
     main.add_command(_cmd)
 
+from .commands import refl as _refl  # noqa: E402
+
+main.add_command(_refl.refl_cmd)
+
 if __name__ == "__main__":
     main()

@@ -101,7 +101,7 @@ def degrade_at(hq: torch.Tensor, p: DegradationParams, kernel_size: int, gen: to
     out = []
     for i, xi in enumerate(resize_each(x, small)):
         shape = (1, 1 if p.grey_noise[i] else c, *xi.shape[-2:])
-        xi = (xi + torch.randn(shape, generator=gen) * float(p.noise[i]) / 255).clamp(0, 1)
+        xi = (xi + torch.randn(shape, generator=gen, device=gen.device).to(xi.device) * float(p.noise[i]) / 255).clamp(0, 1)
         xi = jpeg(xi, p.quality[i : i + 1])
         out.append(F.interpolate(xi, size=(h, w), mode="bilinear", align_corners=False, antialias=True))
     return torch.cat(out).clamp(0, 1)

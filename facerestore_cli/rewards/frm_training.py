@@ -426,3 +426,32 @@ def train_frm(
         train_pairs=len(train_pairs), val_pairs=len(val_pairs), last_loss=loss_v, last_train_accuracy=acc_v, val=val,
         row_errors=row_errors, unreadable=dict(data.bad_files),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ online updates (ReFL's dynamic FRM)
+def preference_step(model: FaceRewardModel, opt: torch.optim.Optimizer, preferred: torch.Tensor, other: torch.Tensor, grad_clip: float = 1.0) -> tuple[float, float]:
+    """One Bradley-Terry step that teaches `model` to prefer `preferred[i]` over `other[i]` (Bx3xHxW in [0, 1]).
+
+    Used by `refl` to keep the judge ahead of the generator (ground truth over current
+    restorations). The model's mode is left as it is (eval keeps BatchNorm statistics fixed) and
+    its parameters need grads only during the step. Returns (loss, pairwise accuracy before the step).
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            n = preferred.shape[0]
+            ones = torch.ones(n, device=preferred.device)
+            loss, logits = bt_loss(model, preferred.detach(), other.detach(), ones, ones, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+    correct, counted = pair_accuracy(logits.float().cpu(), ones.cpu())
+    return float(loss.detach()), correct / max(counted, 1)

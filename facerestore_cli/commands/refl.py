@@ -1,0 +1,79 @@
+"""`refl`: reward feedback learning of the restorer against the Face Reward Model.
+Option parsing and printing only; the work is in `facerestore_cli.train.refl`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+
+def _cli():
+    """cli.py's console, `fail` and progress bar (imported late: cli.py registers this command)."""
+    from .. import cli
+
+    return cli
+
+
+@click.command("refl")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
+@click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+@click.option("--steps", type=int, default=None, help="Total steps (override the config).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present.")
+@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
+def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
+    """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
+
+    \b
+    Example:
+      facerestore refl --config configs/refl_tiny.toml --data data/train_faces --out runs/refl
+      facerestore restore photos/ -o out/ --lora runs/refl/lora.safetensors
+    """
+    from ..pipeline import resolve_device
+    from ..rewards.backbones import BackboneError
+    from ..train.refl import ReflConfig, train_refl
+
+    cli = _cli()
+    try:
+        cfg = ReflConfig.from_file(config_path)
+    except (ValueError, TypeError) as err:
+        cli.fail(f"{config_path}: {err}")
+    if data:
+        cfg.data = [str(d) for d in data]
+    if steps:
+        cfg.steps = steps
+    if not cfg.data:
+        cli.fail("no training data: give --data or set `data` in the config")
+    try:
+        dev = str(resolve_device(device))
+    except ValueError as err:
+        cli.fail(str(err))
+    with cli._progress() as progress:
+        task = progress.add_task("refl", total=cfg.steps)
+
+        def on_step(step: int, terms: dict[str, float]) -> None:
+            desc = f"refl loss {terms['total']:.5f} reward {terms['frm_score']:+.4f}"
+            if "frm_accuracy" in terms:
+                desc += f" frm acc {terms['frm_accuracy']:.2f}"
+            progress.update(task, completed=step, description=desc)
+
+        try:
+            result = train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
+        except (FileNotFoundError, BackboneError, ValueError) as err:
+            progress.stop()
+            cli.fail(str(err))
+    table = Table(title="refl summary", show_header=False)
+    for k, v in result.items():
+        if k == "last_losses":
+            v = ", ".join(f"{name} {x:.5g}" for name, x in v.items())
+        table.add_row(k.replace("_", " "), str(v))
+    cli.console.print(table)
+    if result["finished"]:
+        cli.console.print(f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}", highlight=False, soft_wrap=True)
+        if result["frm"] == "dynamic":
+            cli.console.print(f"updated FRM: {run_dir / 'frm_final'}", highlight=False)
+    else:
+        cli.console.print(f"stopped at step {result['step']}; run the same command again to resume")

@@ -1,0 +1,308 @@
+"""Reward feedback learning (ReFL) of the one-step restorer against the Face Reward Model, as
+DiffusionReward does.
+
+    LQ --encoder(+LoRA)--> z --UNet step(+LoRA)--> z0 --frozen decoder--> restored --FRM--> score
+
+The gradient of the FRM score flows back through the frozen decoder and the UNet step into LoRA
+adapters on the UNet and the VAE encoder; the base weights never change. The loss is
+
+    lambda_R (1 - FRM score)                                 reward
+  + lambda_s L1(low-frequency wavelet bands of restored, GT) structural consistency
+  + lambda_p perceptual distance (losses.EncoderPerceptualLoss)
+  + lambda_reg MSE(z0, z0 of the frozen base on the same LQ) regulariser (the base's latent is
+                                                            computed with the adapters disabled)
+
+Dynamic FRM: every `frm_update_every` steps the FRM takes one small Bradley-Terry step to prefer
+the ground truth over the current restorations, so the generator cannot keep exploiting a frozen
+judge (0 keeps the FRM frozen). The FRM runs in eval mode throughout (BatchNorm statistics fixed).
+
+Faces are whole aligned crops resized to `face_size` (the FRM judges whole aligned faces; it
+resizes them to its own input size inside `forward`, differentiably), degraded on the fly with the
+restorer's 512-px degradation parameters scaled to that size (`rewards.autopairs.degrade_at`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .. import WEIGHTS_DIR
+from ..models.color import low_frequency
+from ..models.restorer import OneStepRestorer
+from ..rewards.autopairs import degrade_at
+from ..rewards.frm import FaceRewardModel, load_frm, resize_for_model
+from ..rewards.frm_training import preference_step
+from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
+from .data import AlignedFaces
+from .degrade import DegradationConfig, sample_params
+from .losses import EncoderPerceptualLoss
+from .restorer_training import LORA_FILE, _autocast, _export_final, _infinite
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class ReflLossWeights:
+    """DiffusionReward's weights (reward 0.005, wavelet 0.01, perceptual 0.01, regulariser 1e-4)."""
+
+    reward: float = 0.005
+    structural: float = 0.01
+    perceptual: float = 0.01
+    regulariser: float = 1e-4
+
+
+@dataclass
+class ReflConfig:
+    """Everything a ReFL run depends on; saved beside the checkpoints so it can be repeated."""
+
+    data: list[str] = field(default_factory=list)
+    #: the restorer folder to tune (its weights stay frozen; LoRA adapters learn).
+    model: str = field(default_factory=lambda: str(WEIGHTS_DIR / "restorer-tiny"))
+    #: the FRM folder (or an upstream HPSv2 / FaceRewardModel.pth checkpoint).
+    frm: str = field(default_factory=lambda: str(WEIGHTS_DIR / "frm-tiny"))
+    lora_rank: int = 4
+    #: LoRA alpha (scale = alpha / rank); None keeps the model config's.
+    lora_alpha: float | None = None
+    steps: int = 500
+    batch_size: int = 4
+    #: whole aligned faces are resized to this (a multiple of the model's size multiple, 32 for tiny).
+    face_size: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    #: wavelet levels removed for the structural term (4 at 256 px = the colour fix's 5 at 512 px).
+    wavelet_levels: int = 4
+    #: every K steps the FRM learns to prefer ground truth over the current restorations; 0: frozen FRM.
+    frm_update_every: int = 10
+    frm_lr: float = 1e-5
+    frm_grad_clip: float = 1.0
+    min_sharpness: float = 0.0
+    precision: str = "fp32"
+    seed: int = 0
+    num_workers: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    losses: ReflLossWeights = field(default_factory=ReflLossWeights)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ReflConfig":
+        """A TOML or JSON config; unknown keys are an error, not silently ignored."""
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ReflConfig":
+        raw = dict(raw)
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown refl config keys: {', '.join(sorted(unknown))}")
+        bad = set(raw.get("losses", {})) - set(ReflLossWeights.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown refl [losses] keys: {', '.join(sorted(bad))} (known: {', '.join(ReflLossWeights.__dataclass_fields__)})")
+        losses = ReflLossWeights(**raw.pop("losses", {}))
+        degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
+        cfg = cls(**raw, losses=losses, degradation=degradation)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+        if cfg.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1 (ReFL trains LoRA adapters only), not {cfg.lora_rank}")
+        if cfg.frm_update_every < 0:
+            raise ValueError(f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {cfg.frm_update_every}")
+        if cfg.face_size < 32 or cfg.batch_size < 1 or cfg.steps < 1:
+            raise ValueError("face_size must be >= 32, batch_size and steps >= 1")
+        if any(w < 0 for w in asdict(cfg.losses).values()):
+            raise ValueError("loss weights must be >= 0")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def dynamic_frm(self) -> bool:
+        return self.frm_update_every > 0
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: OneStepRestorer):
+    """Run the frozen base model: every LoRA adapter of the UNet and VAE switched off, then back on."""
+    parts = [getattr(model, p) for p in ("unet", "vae") if model._adapter_names(p)]
+    for part in parts:
+        part.disable_adapters()
+    try:
+        yield model
+    finally:
+        for part in parts:
+            part.enable_adapters()
+
+
+class ReflObjective(torch.nn.Module):
+    """The tuned restorer, the FRM and the frozen perceptual features; `forward` gives the loss terms.
+
+    Build it on the base model *before* LoRA is added (the perceptual features are a frozen copy
+    of the base encoder).
+    """
+
+    def __init__(self, model: OneStepRestorer, frm: FaceRewardModel, weights: ReflLossWeights, wavelet_levels: int = 4):
+        super().__init__()
+        self.model, self.weights, self.wavelet_levels = model, weights, wavelet_levels
+        self.frm = [frm]  # a list keeps the FRM out of this module's parameters (it has its own optimizer)
+        self.perceptual = EncoderPerceptualLoss(model.vae.encoder) if weights.perceptual else None
+
+    def forward(self, lq: torch.Tensor, hq: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Images in [-1, 1]. Returns (terms with 'total' and the mean 'frm_score', restored in [0, 1] detached)."""
+        model, w = self.model, self.weights
+        z = model.denoise_latent(model.encode(lq))
+        restored = model.decode(z, clamp=False)  # decoder frozen, gradients flow through it
+        image01 = (restored.float().clamp(-1, 1) + 1) / 2  # the FRM judges valid images only
+        score = self.frm[0](image01)
+        terms: dict[str, torch.Tensor] = {"reward": (1 - score).mean()}
+        if w.structural:
+            levels = self.wavelet_levels
+            terms["structural"] = F.l1_loss(low_frequency(restored.float(), levels), low_frequency(hq.float(), levels))
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(restored, hq)
+        if w.regulariser:
+            with torch.no_grad(), adapters_disabled(model):
+                z_base = model.denoise_latent(model.encode(lq))
+            terms["regulariser"] = F.mse_loss(z.float(), z_base.float())
+        terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())
+        terms["frm_score"] = score.detach().mean()
+        return terms, image01.detach()
+
+
+def _warmup(step: int, cfg: ReflConfig) -> float:
+    """Linear warm-up, then the constant rate (ReFL fine-tunes briefly; no decay)."""
+    return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def build_refl(cfg: ReflConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, FaceRewardModel, ReflObjective]:
+    """The base restorer with fresh LoRA adapters (base frozen), the FRM (frozen, eval) and the objective."""
+    model = OneStepRestorer.from_pretrained(cfg.model, torch_dtype=torch.float32).train()
+    if cfg.face_size % model.size_multiple:
+        raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
+    frm = load_frm(cfg.frm).eval().requires_grad_(False)
+    objective = ReflObjective(model, frm, cfg.losses, cfg.wavelet_levels)
+    model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank, alpha=cfg.lora_alpha)
+    model.freeze_base()
+    return model.to(device), frm.to(device), objective.to(device)
+
+
+def frm_optimizer(frm: FaceRewardModel, cfg: ReflConfig) -> torch.optim.Optimizer:
+    """AdamW over every FRM weight (the FRM keeps requires_grad off outside its own update)."""
+    return torch.optim.AdamW(list(frm.parameters()), lr=cfg.frm_lr, weight_decay=0.0)
+
+
+def train_refl(
+    cfg: ReflConfig,
+    run_dir: Path,
+    device: str = "cpu",
+    resume: bool = True,
+    max_minutes: float | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict:
+    """Fine-tune (or resume) with reward feedback; returns a summary.
+
+    Writes run_dir/log.jsonl, run_dir/checkpoint (LoRA, optimizer, step, RNG and, with a dynamic
+    FRM, its weights and optimizer), and when finished run_dir/lora.safetensors (for
+    `restore --lora`), run_dir/final (merged, fp16) and, with a dynamic FRM, run_dir/frm_final.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    ckpt = find_checkpoint(run_dir) if resume else None
+    model, frm, objective = build_refl(cfg, dev)
+    frm_start = copy.deepcopy(frm) if cfg.dynamic_frm else None  # the judge before any update, for the log
+    if ckpt is not None:
+        model.load_lora(ckpt / "model" / LORA_FILE)
+    trainable = model.lora_parameters()
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    frm_opt = frm_optimizer(frm, cfg) if cfg.dynamic_frm else None
+    step, frm_updates = 0, 0
+    if ckpt is not None:
+        step, extra = load_training_state(ckpt, opt)
+        frm_updates = int(extra.get("frm_updates", 0))
+        if frm_opt is not None and "frm" in extra:
+            frm.load_state_dict(extra["frm"])
+            frm_opt.load_state_dict(extra["frm_opt"])
+            for group in frm_opt.param_groups:
+                group["lr"] = cfg.frm_lr  # the config's rate, like the restorer's (set every step)
+    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    data = AlignedFaces([Path(d) for d in cfg.data], patch_size=None, min_sharpness=cfg.min_sharpness)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000)
+    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
+    batches, t0, seen, start_step = _infinite(loader), time.perf_counter(), 0, step
+    terms: dict[str, float] = {}
+
+    def save() -> None:
+        extra = {"config": cfg.to_dict(), "frm_updates": frm_updates}
+        if frm_opt is not None:
+            extra.update(frm=frm.state_dict(), frm_opt=frm_opt.state_dict())
+
+        def save_model(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            model.save_lora(folder / LORA_FILE)
+
+        save_checkpoint(run_dir, save_model, opt, step, extra)
+
+    while step < cfg.steps and not budget.expired():
+        hq = next(batches).to(dev)
+        hq = resize_for_model(hq, cfg.face_size)
+        lq = degrade_at(hq, sample_params(cfg.degradation, hq.shape[0], gen), cfg.degradation.blur_kernel_size, gen)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _warmup(step, cfg)
+        with _autocast(dev, cfg.precision):
+            losses, restored = objective(lq * 2 - 1, hq * 2 - 1)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        step, seen = step + 1, seen + hq.shape[0]
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        if frm_opt is not None:
+            with torch.no_grad():
+                terms["frm_start_score"] = float(frm_start(restored).mean())
+            if step % cfg.frm_update_every == 0:
+                with _autocast(dev, cfg.precision):
+                    frm_loss, frm_acc = preference_step(frm, frm_opt, hq, restored, cfg.frm_grad_clip)
+                frm_updates += 1
+                terms.update(frm_loss=frm_loss, frm_accuracy=frm_acc)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = seen / (time.perf_counter() - t0)
+            log.write(step=step, images_per_s=round(rate, 3), lr=round(cfg.lr * _warmup(step - 1, cfg), 8), **{k: round(v, 6) for k, v in terms.items()})
+        if on_step:
+            on_step(step, terms)
+        if step % cfg.checkpoint_every == 0:
+            save()
+    save()
+    elapsed = time.perf_counter() - t0
+    finished = step >= cfg.steps
+    if finished:
+        model.save_lora(run_dir / LORA_FILE)
+        if frm_opt is not None:
+            frm.save_pretrained(run_dir / "frm_final")
+        _export_final(model, run_dir / "final")
+    return {
+        "step": step,
+        "steps_this_run": step - start_step,
+        "finished": finished,
+        "seconds": round(elapsed, 1),
+        "images_per_s": round(seen / max(elapsed, 1e-9), 3),
+        "frm": "dynamic" if cfg.dynamic_frm else "frozen",
+        "frm_updates": frm_updates,
+        "last_losses": terms,
+    }
