@@ -46,7 +46,7 @@ from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_sta
 from .data import AlignedFaces
 from .degrade import DegradationConfig, sample_params
 from .losses import EncoderPerceptualLoss
-from .restorer_training import LORA_FILE, _autocast, _export_final, _infinite
+from .loop import LORA_FILE, autocast, export_final, infinite, save_model
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -245,7 +245,7 @@ def train_refl(
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000)
     log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start_step = _infinite(loader), time.perf_counter(), 0, step
+    batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
     terms: dict[str, float] = {}
 
     def save() -> None:
@@ -253,11 +253,7 @@ def train_refl(
         if frm_opt is not None:
             extra.update(frm=frm.state_dict(), frm_opt=frm_opt.state_dict())
 
-        def save_model(folder: Path) -> None:
-            folder.mkdir(parents=True, exist_ok=True)
-            model.save_lora(folder / LORA_FILE)
-
-        save_checkpoint(run_dir, save_model, opt, step, extra)
+        save_checkpoint(run_dir, lambda folder: save_model(model, folder), opt, step, extra)
 
     while step < cfg.steps and not budget.expired():
         hq = next(batches).to(dev)
@@ -265,7 +261,7 @@ def train_refl(
         lq = degrade_at(hq, sample_params(cfg.degradation, hq.shape[0], gen), cfg.degradation.blur_kernel_size, gen)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _warmup(step, cfg)
-        with _autocast(dev, cfg.precision):
+        with autocast(dev, cfg.precision):
             losses, restored = objective(lq * 2 - 1, hq * 2 - 1)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -277,7 +273,7 @@ def train_refl(
             with torch.no_grad():
                 terms["frm_start_score"] = float(frm_start(restored).mean())
             if step % cfg.frm_update_every == 0:
-                with _autocast(dev, cfg.precision):
+                with autocast(dev, cfg.precision):
                     frm_loss, frm_acc = preference_step(frm, frm_opt, hq, restored, cfg.frm_grad_clip)
                 frm_updates += 1
                 terms.update(frm_loss=frm_loss, frm_accuracy=frm_acc)
@@ -295,7 +291,7 @@ def train_refl(
         model.save_lora(run_dir / LORA_FILE)
         if frm_opt is not None:
             frm.save_pretrained(run_dir / "frm_final")
-        _export_final(model, run_dir / "final")
+        export_final(model, run_dir / "final")
     return {
         "step": step,
         "steps_this_run": step - start_step,

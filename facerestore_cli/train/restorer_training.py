@@ -29,6 +29,7 @@ from ..models.restorer import OneStepRestorer
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .data import AlignedFaces
 from .degrade import DegradationConfig, Degrader
+from .loop import LORA_FILE, autocast, export_final, infinite, save_model
 from .losses import EncoderPerceptualLoss, diffusion_loss, l1_and_edges, vsd_loss
 
 
@@ -214,19 +215,11 @@ def lr_lambda(step: int, cfg: RestorerTrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _infinite(loader: DataLoader):
-    while True:
-        yield from loader
-
-
 def load_model_for_training(spec: str) -> OneStepRestorer:
     """A config name starts from random weights; a folder continues from saved weights."""
     if Path(spec).is_dir():
         return OneStepRestorer.from_pretrained(spec, torch_dtype=torch.float32)
     return OneStepRestorer.from_config(spec)
-
-
-LORA_FILE = "lora.safetensors"
 
 
 def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRestorer, StageObjective]:
@@ -250,28 +243,15 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
     return model, objective
 
 
-def _save_model(model: OneStepRestorer, folder: Path) -> None:
-    if model.lora_adapters:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_lora(folder / LORA_FILE)
-    else:
-        model.save_pretrained(folder)
-
-
 def _accelerator(device: str):
     """accelerate places the model and shards the data across processes (`accelerate launch`).
 
-    Mixed precision is a plain bf16 autocast (`_autocast`), not accelerate's: its process-wide
+    Mixed precision is a plain bf16 autocast (`loop.autocast`), not accelerate's: its process-wide
     state cannot change precision between runs in one process (tests, notebooks).
     """
     from accelerate import Accelerator
 
     return Accelerator(cpu=torch.device(device).type == "cpu")
-
-
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast (weights and optimizer state stay fp32); no GradScaler needed, unlike fp16."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_restorer(
@@ -314,7 +294,7 @@ def train_restorer(
         fake, fake_opt = acc.prepare(fake, fake_opt)
     degrader = Degrader(cfg.degradation, seed=cfg.seed + step + 1000 * acc.process_index, device=acc.device)
     log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start_step = _infinite(loader), time.perf_counter(), 0, step
+    batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
     terms: dict[str, float] = {}
 
     def save() -> None:
@@ -322,19 +302,19 @@ def train_restorer(
         if fake is not None:
             extra.update(fake_score=acc.unwrap_model(fake).state_dict(), fake_score_opt=fake_opt.state_dict())
         if acc.is_main_process:
-            save_checkpoint(run_dir, lambda d: _save_model(model, d), opt, step, extra)
+            save_checkpoint(run_dir, lambda d: save_model(model, d), opt, step, extra)
 
     fake_x0 = acc.unwrap_model(fake).x0 if fake is not None else None
     while step < cfg.steps and not budget.expired():
         hq = next(batches).to(acc.device)
         lq = degrader(hq)[0] if cfg.stage == "restorer" else hq
-        with _autocast(acc.device, cfg.precision):
+        with autocast(acc.device, cfg.precision):
             losses = objective(lq * 2 - 1, hq * 2 - 1, fake_x0, cfg.vsd_t_range)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_lambda(step, cfg)
         _update(acc, opt, losses["total"], trainable, cfg.grad_clip)
         if fake is not None:
-            with _autocast(acc.device, cfg.precision):
+            with autocast(acc.device, cfg.precision):
                 losses["fake_score"] = fake(acc.unwrap_model(objective).last_latent)
             _update(acc, fake_opt, losses["fake_score"], list(fake.parameters()), cfg.grad_clip)
         step, seen = step + 1, seen + hq.shape[0] * acc.num_processes
@@ -350,7 +330,7 @@ def train_restorer(
     elapsed = time.perf_counter() - t0
     finished = step >= cfg.steps
     if finished and acc.is_main_process:
-        _export_final(model, run_dir / "final")
+        export_final(model, run_dir / "final")
     acc.wait_for_everyone()
     return {
         "step": step,
@@ -367,10 +347,3 @@ def _update(acc, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, g
     acc.backward(loss)
     acc.clip_grad_norm_(params, grad_clip)
     opt.step()
-
-
-def _export_final(model: OneStepRestorer, folder: Path) -> None:
-    """The shipped form: LoRA merged into the base, fp16 weights."""
-    if model.lora_adapters:
-        model.merge_lora()
-    model.eval().save_pretrained(folder, dtype=torch.float16)
