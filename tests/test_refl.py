@@ -20,22 +20,10 @@ from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
 from facerestore_cli.train.checkpoint import find_checkpoint
 from facerestore_cli.train.data import MANIFEST, CropRecord
 from facerestore_cli.train.refl import ReflConfig, adapters_disabled, build_refl, train_refl
-
-TINY_FRM = {"image_size": 32, "channels": [8, 16], "embed_dim": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from fakes import TINY_FRM, face_like
 
 
-def face_like(size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = sum(cv2.resize(rng.uniform(0, 255, (size // s, size // s, 3)), (size, size), interpolation=cv2.INTER_CUBIC) for s in (2, 4, 8))
-    return np.clip(img / 3, 0, 255).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,10 @@ from facerestore_cli.cli import main
 from facerestore_cli.rewards.annotations import AnnotationError, load_annotations, read_pairs
 from facerestore_cli.rewards.autopairs import degrade_at, graded_params
 from facerestore_cli.train.degrade import DegradationConfig, apply_degradation, sample_params
+from fakes import face_like
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def face_like(size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = sum(cv2.resize(rng.uniform(0, 255, (size // s, size // s, 3)), (size, size), interpolation=cv2.INTER_CUBIC) for s in (2, 4, 8))
-    return np.clip(img / 3, 0, 255).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from facerestore_cli.cli import main
 from facerestore_cli.rewards.backbones import BackboneError
 from facerestore_cli.rewards.frm import CLIP_MEAN, CLIP_STD, FaceRewardModel, FrmConfig, load_frm
+from fakes import face_like
 
 TINY = dict(image_size=32, channels=[8, 16], embed_dim=16)
 #: A tiny open_clip CLIP with the ViT-H-14 / HPSv2 layout (same key names, small sizes).
@@ -24,19 +25,7 @@ TINY_CLIP = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def face_like(size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = sum(cv2.resize(rng.uniform(0, 255, (size // s, size // s, 3)), (size, size), interpolation=cv2.INTER_CUBIC) for s in (2, 4, 8))
-    return np.clip(img / 3, 0, 255).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_save_pretrained_round_trip_gives_the_same_scores(tmp_path: Path) -> None:

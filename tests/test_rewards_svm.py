@@ -13,12 +13,7 @@ from click.testing import CliRunner
 from facerestore_cli.cli import main
 from facerestore_cli.rewards.annotations import Pair, read_pairs, write_pairs
 from facerestore_cli.rewards.svm import FEATURE_NAMES, SvmConfig, auto_annotate, image_features, make_svm
-
-
-def face_like(size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = sum(cv2.resize(rng.uniform(0, 255, (size // s, size // s, 3)), (size, size), interpolation=cv2.INTER_CUBIC) for s in (2, 4, 8))
-    return np.clip(img / 3, 0, 255).astype(np.uint8)
+from fakes import face_like
 
 
 def test_features_see_blur_noise_and_jpeg() -> None:

@@ -15,23 +15,10 @@ from facerestore_cli.cli import main
 from facerestore_cli.rewards.annotations import Pair, write_pairs
 from facerestore_cli.rewards.frm import FaceRewardModel
 from facerestore_cli.rewards.frm_training import FrmTrainConfig, evaluate_pairs, load_pair_files, split_pairs, train_frm
-
-TINY_MODEL = {"image_size": 32, "channels": [8, 16], "embed_dim": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from fakes import TINY_FRM, face_like
 
 
-def face_like(size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = sum(cv2.resize(rng.uniform(0, 255, (size // s, size // s, 3)), (size, size), interpolation=cv2.INTER_CUBIC) for s in (2, 4, 8))
-    return np.clip(img / 3, 0, 255).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +38,7 @@ def sharp_vs_blurred(tmp_path_factory) -> Path:
 def write_config(path: Path, pairs: Path, steps: int = 60, **extra) -> Path:
     top = {"pairs": [str(pairs)], "steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "val_fraction": 0.25, "val_every": 30, "checkpoint_every": 10, "log_every": 5, **extra}
     lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()]
-    lines += ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    lines += ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY_FRM.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -117,7 +104,7 @@ def test_captions_condition_what_is_preferred(tmp_path: Path) -> None:
         cv2.imwrite(str(dark), np.clip(face - 50, 0, 255).astype(np.uint8))
         pairs += [Pair(bright, dark, "a", "human", "", str(i), "a bright photo"), Pair(bright, dark, "b", "human", "", str(i), "a dark photo")]
     write_pairs(tmp_path / "pairs.jsonl", pairs)
-    cfg = FrmTrainConfig.from_dict({"pairs": [str(tmp_path / "pairs.jsonl")], "steps": 80, "batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "val_fraction": 0.0, "model": {**TINY_MODEL, "text": "hash"}})
+    cfg = FrmTrainConfig.from_dict({"pairs": [str(tmp_path / "pairs.jsonl")], "steps": 80, "batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "val_fraction": 0.0, "model": {**TINY_FRM, "text": "hash"}})
     train_frm(cfg, tmp_path / "run")
     model = FaceRewardModel.from_pretrained(tmp_path / "run" / "final")
     assert evaluate_pairs(model, pairs).accuracy >= 0.9
@@ -156,7 +143,7 @@ def test_frm_eval_reports_accuracy_by_kind_and_the_full_ranking(tmp_path: Path) 
         pairs += [Pair(gt, restored, "a", "auto", "gt>restored", str(i)), Pair(restored, degraded, "a", "auto", "restored>degraded", str(i))]
     write_pairs(tmp_path / "val.jsonl", pairs)
     torch.manual_seed(0)
-    model = FaceRewardModel.from_pretrained(FaceRewardModel(__import__("facerestore_cli.rewards.frm", fromlist=["FrmConfig"]).FrmConfig(**TINY_MODEL)).save_pretrained(tmp_path / "frm"))
+    model = FaceRewardModel.from_pretrained(FaceRewardModel(__import__("facerestore_cli.rewards.frm", fromlist=["FrmConfig"]).FrmConfig(**TINY_FRM)).save_pretrained(tmp_path / "frm"))
     expected = evaluate_pairs(model, pairs)
     res = CliRunner().invoke(main, ["frm-eval", str(tmp_path / "val.jsonl"), "--model", str(tmp_path / "frm"), "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output

@@ -15,7 +15,6 @@ import json
 import math
 import random
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from ..configfile import check_keys, read_config
 from ..media import MediaError, read_image
 from ..train.checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .annotations import LoadResult, Pair, RowError, load_annotations
@@ -65,15 +65,11 @@ class FrmTrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "FrmTrainConfig":
         """A TOML or JSON config; relative `pairs`/`init` paths are kept as written (run from the repo)."""
-        text = Path(path).read_text()
-        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "FrmTrainConfig":
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown train-frm config keys: {', '.join(sorted(unknown))}")
+        check_keys(raw, cls, "train-frm config")
         cfg = cls(**raw)
         if not 0 <= cfg.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")

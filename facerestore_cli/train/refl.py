@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import WEIGHTS_DIR
+from ..configfile import check_keys, read_config
 from ..models.color import low_frequency
 from ..models.restorer import OneStepRestorer
 from ..rewards.autopairs import degrade_at
@@ -99,19 +99,13 @@ class ReflConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ReflConfig":
         """A TOML or JSON config; unknown keys are an error, not silently ignored."""
-        text = Path(path).read_text()
-        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(path))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ReflConfig":
         raw = dict(raw)
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown refl config keys: {', '.join(sorted(unknown))}")
-        bad = set(raw.get("losses", {})) - set(ReflLossWeights.__dataclass_fields__)
-        if bad:
-            raise ValueError(f"unknown refl [losses] keys: {', '.join(sorted(bad))} (known: {', '.join(ReflLossWeights.__dataclass_fields__)})")
+        check_keys(raw, cls, "refl config")
+        check_keys(raw.get("losses", {}), ReflLossWeights, "refl [losses]")
         losses = ReflLossWeights(**raw.pop("losses", {}))
         degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
         cfg = cls(**raw, losses=losses, degradation=degradation)

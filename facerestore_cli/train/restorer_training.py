@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from ..configfile import check_keys, read_config
 from ..models.restorer import OneStepRestorer
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .data import AlignedFaces
@@ -87,16 +87,13 @@ class RestorerTrainConfig:
     @classmethod
     def from_file(cls, path: Path) -> "RestorerTrainConfig":
         """Read a TOML or JSON config file; unknown keys are an error, not silently ignored."""
-        text = Path(path).read_text()
-        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(path))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RestorerTrainConfig":
         raw = dict(raw)
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+        check_keys(raw, cls, "training config")
+        check_keys(raw.get("losses", {}), LossWeights, "training [losses]")
         losses = LossWeights(**raw.pop("losses", {}))
         degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
         cfg = cls(**raw, losses=losses, degradation=degradation)
