@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .commands.common import run_options
 from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
 console = Console(stderr=True)
@@ -159,12 +160,8 @@ def prepare_data(sources, outdir, face_size, min_eye_distance, min_sharpness, de
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Training config (TOML or JSON), e.g. configs/train_tiny.toml.")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder: checkpoints, log.jsonl, final model.")
+@run_options("Run folder: checkpoints, log.jsonl, final model.")
 @click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
-@click.option("--steps", type=int, default=None, help="Total steps (override the config).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present.")
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
 def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Train the one-step restorer on prepared crops with on-the-fly degradations."""
     from .pipeline import resolve_device

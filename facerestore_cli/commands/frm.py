@@ -8,14 +8,10 @@ import sys
 from pathlib import Path
 
 import click
+
+from .common import cli_module as _cli
+from .common import run_options
 from rich.table import Table
-
-
-def _cli():
-    """cli.py's console, `fail` and progress bar (imported late: cli.py registers these commands)."""
-    from .. import cli
-
-    return cli
 
 
 def _device(name: str) -> str:
@@ -107,12 +103,8 @@ def _val_line(step: int, val) -> str:
 
 @click.command("train-frm")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="FRM training config (TOML/JSON), e.g. configs/train_frm.toml.")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder: checkpoint/, log.jsonl, final/.")
+@run_options("Run folder: checkpoint/, log.jsonl, final/.")
 @click.option("--pairs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Pair files (override the config's `pairs`).")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Total steps (override the config).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present.")
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long; run again to resume.")
 def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minutes) -> None:
     """Train the Face Reward Model on preference pairs (Bradley-Terry loss).
 

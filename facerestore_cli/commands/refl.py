@@ -8,22 +8,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-
-def _cli():
-    """cli.py's console, `fail` and progress bar (imported late: cli.py registers this command)."""
-    from .. import cli
-
-    return cli
+from .common import cli_module as _cli
+from .common import run_options
 
 
 @click.command("refl")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.")
-@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
+@run_options("Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
 @click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
-@click.option("--steps", type=int, default=None, help="Total steps (override the config).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present.")
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long.")
 def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
 

@@ -1,0 +1,37 @@
+"""What the long-running training commands (`train`, `train-frm`, `refl`) share on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import click
+
+
+def cli_module():
+    """cli.py, for its console, `fail` and progress bar (imported late: cli.py registers the commands)."""
+    from .. import cli
+
+    return cli
+
+
+def run_options(out_help: str) -> Callable:
+    """--out, --steps, --device, --resume/--no-resume and --max-minutes, the same for every run command.
+
+    A lent GPU command lasts at most 10 minutes, so every run stops on --max-minutes with a
+    checkpoint and the same command resumes it.
+    """
+    options = [
+        click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help=out_help),
+        click.option("--steps", type=click.IntRange(1), default=None, help="Total steps (override the config)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present."),
+        click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long; run again to resume."),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
