@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .commands.common import run_options
+from .commands.common import load_run_config, run_device, run_options
 from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
 console = Console(stderr=True)
@@ -164,21 +164,12 @@ def prepare_data(sources, outdir, face_size, min_eye_distance, min_sharpness, de
 @click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
 def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Train the one-step restorer on prepared crops with on-the-fly degradations."""
-    from .pipeline import resolve_device
     from .train.restorer_training import RestorerTrainConfig, train_restorer
 
-    try:
-        cfg = RestorerTrainConfig.from_file(config_path)
-    except (ValueError, TypeError) as err:
-        fail(f"{config_path}: {err}")
-    if data:
-        cfg.data = [str(d) for d in data]
-    if steps:
-        cfg.steps = steps
-    if not cfg.data:
-        fail("no training data: give --data or set `data` in the config")
+    cfg = load_run_config(RestorerTrainConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
+    dev = run_device(device)
     if int(os.environ.get("RANK", "0")) != 0:  # other processes of `torchrun`/`accelerate launch`: no output
-        train_restorer(cfg, run_dir, device=str(resolve_device(device)), resume=resume, max_minutes=max_minutes)
+        train_restorer(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
         return
     with _progress() as progress:
         task = progress.add_task("training", total=cfg.steps)
@@ -186,7 +177,7 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
         def on_step(step: int, losses: dict[str, float]) -> None:
             progress.update(task, completed=step, description=f"training loss {losses['total']:.4f}")
 
-        result = train_restorer(cfg, run_dir, device=str(resolve_device(device)), resume=resume, max_minutes=max_minutes, on_step=on_step)
+        result = train_restorer(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
     table = Table(title="train summary", show_header=False)
     for k, v in result.items():
         table.add_row(k, str(v))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import WEIGHTS_DIR
+from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported: callers import them from here)
 from .faces.align import estimate_affine, paste_faces, scale_affine, warp_faces
 from .faces.detector import Detector, Face, build_detector
 from .media import (
@@ -38,24 +39,6 @@ from .models.inference import restore_crops
 from .models.restorer import OneStepRestorer
 
 DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without it is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible to torch")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    return DTYPES[precision]
-
-
 def load_restorer(
     model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype, osediff: Path | None = None
 ) -> OneStepRestorer:

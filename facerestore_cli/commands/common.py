@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -35,3 +35,32 @@ def run_options(out_help: str) -> Callable:
         return f
 
     return decorate
+
+
+def run_device(name: str) -> str:
+    """The --device of a run as a torch device string; a one-line error when it cannot be had."""
+    from ..devices import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ValueError as err:
+        cli_module().fail(str(err))
+
+
+def load_run_config(cls: type, path: Path, steps: int | None, inputs_field: str, inputs: Sequence[Path], missing: str) -> Any:
+    """A run's config file with the command line's overrides (--steps and its input folders or files).
+
+    A bad file or a run with nothing to train on ends the command with a one-line error.
+    """
+    cli = cli_module()
+    try:
+        cfg = cls.from_file(path)
+    except (ValueError, TypeError) as err:
+        cli.fail(f"{path}: {err}")
+    if inputs:
+        setattr(cfg, inputs_field, [str(p) for p in inputs])
+    if steps:
+        cfg.steps = steps
+    if not getattr(cfg, inputs_field):
+        cli.fail(missing)
+    return cfg

@@ -10,19 +10,8 @@ from pathlib import Path
 import click
 
 from .common import cli_module as _cli
-from .common import run_options
+from .common import load_run_config, run_device, run_options
 from rich.table import Table
-
-
-def _device(name: str) -> str:
-    """'auto' picks CUDA when present (as `restore` does) without importing the restorer stack."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        _cli().fail("--device cuda was asked for, but no CUDA GPU is visible to torch")
-    return name
 
 
 def _error_line(message: str) -> None:
@@ -68,7 +57,7 @@ def frm_pairs(src, outdir, config_path, levels, size, work_size, restore_limit, 
     import torch
 
     from ..evaluate import EvalInputError, load_degradation_config, source_images
-    from ..pipeline import load_restorer, resolve_device
+    from ..pipeline import load_restorer
     from ..rewards.autopairs import AutoPairsConfig, check_out_dir, make_auto_pairs
     from ..train.degrade import DegradationConfig
 
@@ -79,7 +68,7 @@ def frm_pairs(src, outdir, config_path, levels, size, work_size, restore_limit, 
             size=size, work_size=work_size, levels=_floats(levels), restore_limit=restore_limit, candidates=not no_candidates, seed=seed,
             degradation=load_degradation_config(config_path) if config_path else DegradationConfig(),
         )  # fmt: skip
-        model = load_restorer(restorer, None, resolve_device(device), torch.float32) if restore_limit else None
+        model = load_restorer(restorer, None, run_device(device), torch.float32) if restore_limit else None
         total = len(source_images(src))
         with cli._progress() as progress:
             task = progress.add_task("faces", total=min(total, limit or total))
@@ -118,18 +107,9 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
     from ..rewards.frm_training import FrmTrainConfig, train_frm
 
     cli = _cli()
+    cfg = load_run_config(FrmTrainConfig, config_path, steps, "pairs", pairs, "no pair files: give --pairs or set `pairs` in the config")
     try:
-        cfg = FrmTrainConfig.from_file(config_path)
-    except (ValueError, TypeError) as err:
-        cli.fail(f"{config_path}: {err}")
-    if pairs:
-        cfg.pairs = [str(p) for p in pairs]
-    if steps:
-        cfg.steps = steps
-    if not cfg.pairs:
-        cli.fail("no pair files: give --pairs or set `pairs` in the config")
-    try:
-        dev = _device(device)
+        dev = run_device(device)
         with cli._progress() as progress:
             task = progress.add_task("training", total=cfg.steps)
 
@@ -172,7 +152,7 @@ def _load_model(model: Path | None, device: str, clip: str):
 
     path = model or WEIGHTS_DIR / DEFAULT_FRM_NAME
     try:
-        return load_frm(path, _device(device), clip=_clip_spec(clip))
+        return load_frm(path, run_device(device), clip=_clip_spec(clip))
     except (BackboneError, ValueError) as err:
         _cli().fail(str(err))
 

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from .common import cli_module as _cli
-from .common import run_options
+from .common import load_run_config, run_device, run_options
 
 
 @click.command("refl")
@@ -24,25 +24,12 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
       facerestore refl --config configs/refl_tiny.toml --data data/train_faces --out runs/refl
       facerestore restore photos/ -o out/ --lora runs/refl/lora.safetensors
     """
-    from ..pipeline import resolve_device
     from ..rewards.backbones import BackboneError
     from ..train.refl import ReflConfig, train_refl
 
     cli = _cli()
-    try:
-        cfg = ReflConfig.from_file(config_path)
-    except (ValueError, TypeError) as err:
-        cli.fail(f"{config_path}: {err}")
-    if data:
-        cfg.data = [str(d) for d in data]
-    if steps:
-        cfg.steps = steps
-    if not cfg.data:
-        cli.fail("no training data: give --data or set `data` in the config")
-    try:
-        dev = str(resolve_device(device))
-    except ValueError as err:
-        cli.fail(str(err))
+    cfg = load_run_config(ReflConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
+    dev = run_device(device)
     with cli._progress() as progress:
         task = progress.add_task("refl", total=cfg.steps)
 
