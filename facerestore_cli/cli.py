@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
-from .commands.common import load_run_config, run_device, run_options
+from .commands.common import load_run_config, print_run_summary, run_device, run_options, secondary_process
 from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
 console = Console(stderr=True)
@@ -20,7 +20,7 @@ console = Console(stderr=True)
 
 def fail(message: str) -> None:
     """A one-line error and exit code 2: for problems that stop a command before it starts."""
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
@@ -109,26 +109,51 @@ def main() -> None:
 @click.option("--detector", type=click.Choice(["mtcnn", "retinaface"]), default="mtcnn", show_default=True)
 @click.option("--det-threshold", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Face detector confidence threshold.")
 @click.option("--min-face-size", type=click.IntRange(8), default=20, show_default=True, help="Smallest face (pixels) to detect.")
-def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size) -> None:
+@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True, help="Run the restorer in torch, onnxruntime, or TensorRT (fp16, CUDA); the colour fix is the same.")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
+def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
+
+    Under torchrun (WORLD_SIZE > 1) each process restores every WORLD_SIZE-th input on its own
+    GPU and rank 0 prints the summary of the whole run.
 
     \b
     Example:
       facerestore restore old_photos/ family.mp4 -o restored/
+      torchrun --nproc_per_node 4 -m facerestore_cli.cli restore frames/ -o restored/ --skip-existing
     """
     from .faces.detector import DetectorUnavailable
-    from .pipeline import RestoreOptions, build_engine, run_restore
+    from .pipeline import ErrorsOnlyReporter, RestoreOptions, Shard, build_engine, gather_summary, join_shards, leave_shards, run_restore
 
     try:
-        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix)
+        shard = Shard.from_env()
+        join_shards(shard)
+        who = f"(rank {shard.rank}) " if shard.distributed else ""
+
+        def warn(message: str) -> None:
+            console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
+
+        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix, backend, engine_path, compile_model, warn, shard)
     except (DetectorUnavailable, FileNotFoundError, ValueError) as err:
         fail(str(err))
+    lead = shard.rank == 0
+    if backend != "torch" and lead:
+        console.print(f"backend: {engine.model.describe()}", highlight=False, soft_wrap=True, markup=False)
     opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing)
-    with _progress() as progress:
-        summary = run_restore(inputs, engine, opts, RichReporter(progress))
-    print_summary(summary)
+    if lead:
+        with _progress() as progress:
+            summary = run_restore(inputs, engine, opts, RichReporter(progress), shard)
+    else:
+        show = lambda m: console.print(f"[red]error:[/red] (rank {shard.rank}) {escape(m)}", highlight=False, soft_wrap=True)  # noqa: E731
+        summary = run_restore(inputs, engine, opts, ErrorsOnlyReporter(show), shard)
+    summary = gather_summary(summary, shard)
+    leave_shards()
+    if lead:
+        print_summary(summary)
     if not summary.ok:
-        console.print(f"[red]{len(summary.failures)} input(s) failed[/red] (listed above)")
+        if lead:
+            console.print(f"[red]{len(summary.failures)} input(s) failed[/red] (listed above)")
         sys.exit(1)
 
 
@@ -168,7 +193,7 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
 
     cfg = load_run_config(RestorerTrainConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     dev = run_device(device)
-    if int(os.environ.get("RANK", "0")) != 0:  # other processes of `torchrun`/`accelerate launch`: no output
+    if secondary_process():
         train_restorer(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
         return
     with _progress() as progress:
@@ -178,10 +203,7 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
             progress.update(task, completed=step, description=f"training loss {losses['total']:.4f}")
 
         result = train_restorer(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
-    table = Table(title="train summary", show_header=False)
-    for k, v in result.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    print_run_summary("train summary", result)
     if result["finished"]:
         console.print(f"final model: {run_dir / 'final'} (use it with `facerestore restore --model`)")
     else:
@@ -376,6 +398,14 @@ for _cmd in (_frm.frm_pairs, _frm.frm_import, _frm.frm_annotate, _frm.train_frm_
 from .commands import refl as _refl  # noqa: E402
 
 main.add_command(_refl.refl_cmd)
+
+from .commands import lrpo as _lrpo  # noqa: E402
+
+main.add_command(_lrpo.lrpo_cmd)
+
+from .commands import export as _export  # noqa: E402
+
+main.add_command(_export.export_cmd)
 
 if __name__ == "__main__":
     main()

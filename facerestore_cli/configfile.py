@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -23,3 +24,37 @@ def check_keys(raw: dict[str, Any], cls: type, what: str) -> None:
     unknown = set(raw) - set(cls.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown {what} keys: {', '.join(sorted(unknown))} (known: {', '.join(cls.__dataclass_fields__)})")
+
+
+class RunConfig:
+    """Base of the run config dataclasses (`train`, `refl`, `lrpo`): a file's top-level keys are
+    the dataclass's fields, and each table in TABLES is one nested dataclass; every key is checked
+    and `validate` turns an impossible setting into one clear error before anything runs."""
+
+    #: table name -> the dataclass of that table, e.g. {"losses": LossWeights}.
+    TABLES: ClassVar[dict[str, type]] = {}
+    #: what error messages call this config, e.g. "refl config".
+    KIND: ClassVar[str] = "config"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Any:
+        return cls.from_dict(read_config(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Any:
+        raw = dict(raw)
+        check_keys(raw, cls, cls.KIND)
+        tables = {}
+        for name, table in cls.TABLES.items():
+            sub = raw.pop(name, {})
+            check_keys(sub, table, f"{cls.KIND} [{name}]")
+            tables[name] = table.from_dict(sub) if hasattr(table, "from_dict") else table(**sub)
+        cfg = cls(**raw, **tables)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError for a setting that cannot run."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

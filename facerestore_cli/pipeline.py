@@ -3,14 +3,19 @@
 `FaceRestorer` works on frames (detect -> align -> restore in batches -> paste back); `run_restore`
 walks the user's inputs, reads and writes media, keeps going past bad files and counts what
 happened. The CLI only parses options and shows progress.
+
+Under `torchrun` (WORLD_SIZE > 1) each process restores its `Shard` of the inputs on its own GPU
+and the summaries are gathered (`gather_summary`), so rank 0 can report the whole run.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +40,13 @@ from .media import (
     write_image,
 )
 from .models.color import DEFAULT_COLOR_FIX
-from .models.inference import restore_crops
+from .models.inference import CompiledRestorer, RestoreModel, restore_crops
+from .models.precision import LOW_PRECISION, PrecisionGuard
 from .models.restorer import OneStepRestorer
 
 DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
+
+
 def load_restorer(
     model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype, osediff: Path | None = None
 ) -> OneStepRestorer:
@@ -57,6 +65,17 @@ def load_restorer(
         restorer.load_lora(lora)
         restorer.merge_lora()
     return restorer.to(device=device, dtype=dtype).eval()
+
+
+def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, warn: Callable[[str], None] | None = None) -> RestoreModel:
+    """The merged restorer under torch.compile (channels_last on CUDA) if asked, and under the
+    fp32 fallback guard when it runs in fp16/bf16."""
+    runner: RestoreModel = restorer
+    if compile_model:
+        runner = CompiledRestorer(restorer, channels_last=restorer.device.type == "cuda", warn=warn)
+    if restorer.dtype in LOW_PRECISION:
+        runner = PrecisionGuard(restorer, runner, warn)
+    return runner
 
 
 def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
@@ -80,7 +99,7 @@ class FrameResult:
 class FaceRestorer:
     """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames."""
 
-    def __init__(self, model: OneStepRestorer, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
+    def __init__(self, model: RestoreModel, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
         self.model, self.detector = model, detector
         self.batch_size, self.color_fix = batch_size, color_fix
         self.face_size = model.config.face_size
@@ -175,6 +194,103 @@ class SilentReporter:
     def error(self, message: str) -> None: ...
 
 
+class ErrorsOnlyReporter(SilentReporter):
+    """No progress, but errors still shown as they happen (torchrun ranks other than 0)."""
+
+    def __init__(self, show: Callable[[str], None]):
+        self.show = show
+
+    def error(self, message: str) -> None:
+        self.show(message)
+
+
+# ------------------------------------------------------------------ torchrun sharding
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run: rank r of `world` restores inputs r, r + world, ..."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (a single process without them)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError as err:
+            raise ValueError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({err})") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} does not fit WORLD_SIZE={world}")
+        return cls(rank, world, local)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def take(self, items: Sequence[InputItem]) -> list[InputItem]:
+        """This rank's items of the list sorted by output path (the same list on every rank)."""
+        if not self.distributed:
+            return list(items)
+        return sorted(items, key=lambda i: str(i.rel))[self.rank :: self.world]
+
+    def device(self, device: torch.device) -> torch.device:
+        """CUDA without an index means this process's own GPU, cuda:LOCAL_RANK."""
+        if self.distributed and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return device
+
+
+def join_shards(shard: Shard) -> None:
+    """Join torchrun's process group: gloo, since only a few counts ever travel (no GPU needed).
+
+    The timeout is long because ranks finish their shards at different times (a long video).
+    """
+    import torch.distributed as dist
+
+    if shard.distributed and not dist.is_initialized():
+        try:
+            dist.init_process_group("gloo", timeout=timedelta(days=7))
+        except (RuntimeError, ValueError) as err:  # DistNetworkError and friends: one line, not a traceback
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"torchrun rank {shard.rank}: cannot join the process group ({type(err).__name__}: {first})") from None
+
+
+def leave_shards() -> None:
+    """Tear the process group down cleanly (torch warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def merge_summaries(parts: Sequence[Summary]) -> Summary:
+    """One summary of a sharded run: counts add up, time is the slowest rank's."""
+    total = Summary()
+    counts = [f.name for f in fields(Summary) if f.type == "int"]
+    for part in parts:
+        for name in counts:
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        total.failures += part.failures
+        total.seconds = max(total.seconds, part.seconds)
+    total.failures = list(dict.fromkeys(total.failures))  # e.g. an unwritable OUTPUT, seen by every rank
+    return total
+
+
+def gather_summary(summary: Summary, shard: Shard) -> Summary:
+    """Every rank's summary merged, on every rank (so all exit with the same code)."""
+    if not shard.distributed:
+        return summary
+    import torch.distributed as dist
+
+    parts: list[dict | None] = [None] * shard.world
+    dist.all_gather_object(parts, asdict(summary))
+    return merge_summaries([Summary(**p) for p in parts if p is not None])
+
+
 def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Before | after at the output's size, for --compare."""
     if before.shape[:2] != after.shape[:2]:
@@ -255,12 +371,15 @@ def _fail(summary: Summary, reporter: Reporter, message: str) -> None:
     reporter.error(message)
 
 
-def run_restore(specs: Sequence[str], engine: FaceRestorer, opts: RestoreOptions, reporter: Reporter | None = None) -> Summary:
-    """Restore every input; a bad file is reported and counted, and the rest goes on."""
-    reporter = reporter or SilentReporter()
+def run_restore(
+    specs: Sequence[str], engine: FaceRestorer, opts: RestoreOptions, reporter: Reporter | None = None, shard: Shard | None = None
+) -> Summary:
+    """Restore every input (this shard's, under torchrun); a bad file is reported and counted, and the rest goes on."""
+    reporter, shard = reporter or SilentReporter(), shard or Shard()
     summary, t0 = Summary(), time.perf_counter()
     items, errors = discover_inputs(specs, exclude=[opts.outdir])
-    for err in errors:
+    items = shard.take(items)
+    for err in errors if shard.rank == 0 else []:  # every rank sees them; one reports them
         _fail(summary, reporter, str(err))
     try:
         check_outdir(opts.outdir)
@@ -299,10 +418,39 @@ def build_engine(
     min_face_size: int = 20,
     osediff: Path | None = None,
     color_fix: str = DEFAULT_COLOR_FIX,
+    backend: str = "torch",
+    engine: Path | None = None,
+    compile_model: bool = False,
+    warn: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
 ) -> FaceRestorer:
-    """Everything `restore` needs loaded once: the restorer and the detector on one device."""
-    dev = resolve_device(device)
+    """Everything `restore` needs loaded once: the restorer and the detector on one device
+    (this process's GPU under torchrun). `warn` gets one-line warnings (fp16 fallback, compile)."""
+    dev = (shard or Shard()).device(resolve_device(device))
     dtype = resolve_dtype(precision, dev)
-    restorer = load_restorer(model, lora, dev, dtype, osediff)
+    restorer = load_model(backend, model, lora, osediff, dev, dtype, precision, engine, batch_size, compile_model, warn)
     det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
     return FaceRestorer(restorer, det, batch_size, color_fix)
+
+
+def load_model(
+    backend: str, model: str | Path | None, lora: Path | None, osediff: Path | None, device: torch.device,
+    dtype: torch.dtype, precision: str, engine: Path | None = None, batch_size: int = 4,
+    compile_model: bool = False, warn: Callable[[str], None] | None = None,
+) -> RestoreModel:  # fmt: skip
+    """The torch restorer, or an exported engine of the same model (`--backend onnx|tensorrt`).
+
+    Engines are checked against the model asked for (content fingerprint), so `--model`/`--lora`
+    mean the same with every backend; without --engine one is made once and cached.
+    """
+    if backend == "torch":
+        if engine is not None:
+            raise ValueError("--engine needs --backend onnx or tensorrt")
+        return fast_torch_model(load_restorer(model, lora, device, dtype, osediff), compile_model, warn)
+    if compile_model:
+        raise ValueError(f"--compile is for --backend torch; --backend {backend} is compiled already")
+    from .export.backends import load_backend
+    from .export.source import ModelSource
+
+    source = ModelSource(Path(model) if model else DEFAULT_MODEL, lora, osediff)
+    return load_backend(backend, source, device, precision, engine, batch_size)

@@ -18,7 +18,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
     import torch

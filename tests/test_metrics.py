@@ -138,6 +138,16 @@ def test_identity_same_face_high_other_person_lower(aligned_faces):
     assert dist(b, a) > identity.DLIB_SAME_PERSON - 0.1  # dlib calls people within 0.6 the same
 
 
+def test_lrpo_reward_prefers_the_ground_truth(aligned_faces):
+    """The reward `lrpo` trains against, as an eval metric: the truth beats a blurred copy beats another face."""
+    a, b = aligned_faces["a"], aligned_faces["b"]
+    reward = create_metric("lrpo_reward")
+    blurred = cv2.resize(cv2.resize(a, (64, 64), interpolation=cv2.INTER_AREA), a.shape[:2][::-1], interpolation=cv2.INTER_LINEAR)
+    scores = reward.score_batch([a, blurred, b], [a, a, a])
+    assert scores[0] > scores[1] > scores[2], scores
+    assert metric_info("lrpo_reward").full_reference and not metric_info("lrpo_reward").lower_better
+
+
 def test_identity_rect_scales_with_crop_size():
     assert identity.face_rect((512, 512)) == identity.FFHQ_RECT_512
     assert identity.face_rect((128, 128)) == tuple(round(v / 4) for v in identity.FFHQ_RECT_512)

@@ -26,13 +26,7 @@ from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_f
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from 2 threads, and OpenMP spin-waits badly when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(name: str = "tiny", **changes) -> configs.RestorerConfig:

@@ -15,12 +15,9 @@ from safetensors.torch import load_file
 
 from facerestore_cli.cli import main
 from facerestore_cli.models import OneStepRestorer
-from facerestore_cli.models import configs
-from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
 from facerestore_cli.train.checkpoint import find_checkpoint
-from facerestore_cli.train.data import MANIFEST, CropRecord
-from facerestore_cli.train.refl import ReflConfig, adapters_disabled, build_refl, train_refl
-from fakes import TINY_FRM, face_like
+from facerestore_cli.train.refl import ReflConfig, build_refl, train_refl
+from fakes import face_like, fine_tuning_assets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,24 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """A tiny base restorer folder, a tiny FRM folder and a prepared folder of 6 crops (64 px)."""
-    root = tmp_path_factory.mktemp("refl_assets")
-    small = configs.get_config("tiny").with_overrides(
-        vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    OneStepRestorer.from_config(small).save_pretrained(root / "base")
-    torch.manual_seed(1)
-    FaceRewardModel(FrmConfig.from_dict(TINY_FRM)).save_pretrained(root / "frm")
-    data = root / "faces"
-    data.mkdir()
-    with open(data / MANIFEST, "w") as f:
-        for i in range(6):
-            cv2.imwrite(str(data / f"{i:06d}.png"), face_like(64, i))
-            f.write(json.dumps(CropRecord(f"{i:06d}.png", "synthetic", 0, 1.0, 20.0, 200.0, "0").__dict__) + "\n")
-    return {"base": root / "base", "frm": root / "frm", "data": data}
+    return fine_tuning_assets(tmp_path_factory.mktemp("refl_assets"))
 
 
 def tiny_config(assets: dict[str, Path], steps: int = 2, **changes) -> ReflConfig:
@@ -93,7 +73,7 @@ def test_base_output_is_computed_with_the_adapters_disabled(assets) -> None:
                 p.normal_(0, 0.05)
         x = torch.rand(1, 3, 64, 64) * 2 - 1
         z_base = base.denoise_latent(base.encode(x))
-        with adapters_disabled(model):
+        with model.adapters_disabled():
             z_off = model.denoise_latent(model.encode(x))
         z_on = model.denoise_latent(model.encode(x))
     assert torch.allclose(z_off, z_base, atol=1e-5)
@@ -183,7 +163,7 @@ def test_bad_config_is_a_one_line_error(assets, tmp_path: Path) -> None:
     cfg = write_toml(tmp_path / "bad.toml", assets, learning_rate=0.1)
     result = CliRunner().invoke(main, ["refl", "--config", str(cfg), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "learning_rate" in result.output and "unknown refl config keys" in result.output
-    with pytest.raises(ValueError, match="unknown refl \\[losses\\] keys: rewrd"):
+    with pytest.raises(ValueError, match="unknown refl config \\[losses\\] keys: rewrd"):
         ReflConfig.from_dict({"losses": {"rewrd": 1.0}})
     with pytest.raises(ValueError, match="frm_update_every"):
         ReflConfig.from_dict({"frm_update_every": -1})

@@ -38,6 +38,19 @@ def test_degradation_is_seeded_and_degrades() -> None:
     assert set(pa.row(0)) >= {"sigma_x", "scale", "noise", "quality"}
 
 
+def test_mild_fraction_draws_gentle_samples_and_keeps_old_sets() -> None:
+    from facerestore_cli.train.degrade import sample_params
+
+    base = DegradationConfig(blur_sigma=(0.1, 10.0), downsample=(1.0, 10.0), noise_sigma=(0.0, 10.0), jpeg_quality=(30, 100))
+    plain = sample_params(base, 400, torch.Generator().manual_seed(0))
+    again = sample_params(DegradationConfig(**{**base.to_dict(), "mild_share": 0.1}), 400, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.sigma_x, again.sigma_x), "mild_fraction 0 must not change a seeded set"
+    mixed = sample_params(DegradationConfig(**{**base.to_dict(), "mild_fraction": 0.5, "mild_share": 0.2}), 400, torch.Generator().manual_seed(0))
+    gentle = (mixed.sigma_x <= 2.08) & (mixed.scale <= 2.8) & (mixed.noise <= 2.0) & (mixed.quality >= 86)
+    assert 0.4 < gentle.float().mean() < 0.6, "about half the samples must come from the gentle ends"
+    assert mixed.sigma_x.max() > 5 and mixed.quality.min() < 60, "the rest still cover the whole range"
+
+
 def test_blur_kernels_normalised_and_anisotropic() -> None:
     k = gaussian_kernels(torch.tensor([2.0, 2.0]), torch.tensor([2.0, 6.0]), torch.tensor([0.0, 0.5]), 21)
     assert torch.allclose(k.sum(dim=(1, 2)), torch.ones(2))

@@ -1,4 +1,4 @@
-"""What the long-running training commands (`train`, `train-frm`, `refl`) share on the command line."""
+"""What the long-running training commands (`train`, `train-frm`, `refl`, `lrpo`) share on the command line."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def run_options(out_help: str) -> Callable:
     return decorate
 
 
+def secondary_process() -> bool:
+    """True in the processes of `torchrun` / `accelerate launch` other than the first: they train
+    their shard silently, and only the first prints progress and the summary."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def run_device(name: str) -> str:
     """The --device of a run as a torch device string; a one-line error when it cannot be had."""
     from ..devices import resolve_device
@@ -64,3 +72,17 @@ def load_run_config(cls: type, path: Path, steps: int | None, inputs_field: str,
     if not getattr(cfg, inputs_field):
         cli.fail(missing)
     return cfg
+
+
+def print_run_summary(title: str, result: dict[str, Any]) -> None:
+    """The end-of-run table of a fine-tuning command (lists and loss dicts on one line each)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in result.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{name} {x:.5g}" for name, x in v.items())
+        elif isinstance(v, list):
+            v = "; ".join(map(str, v))
+        table.add_row(k.replace("_", " "), str(v))
+    cli_module().console.print(table)

@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
-
 from .common import cli_module as _cli
-from .common import load_run_config, run_device, run_options
+from .common import load_run_config, print_run_summary, run_device, run_options
 
 
 @click.command("refl")
@@ -44,12 +42,7 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
         except (FileNotFoundError, BackboneError, ValueError) as err:
             progress.stop()
             cli.fail(str(err))
-    table = Table(title="refl summary", show_header=False)
-    for k, v in result.items():
-        if k == "last_losses":
-            v = ", ".join(f"{name} {x:.5g}" for name, x in v.items())
-        table.add_row(k.replace("_", " "), str(v))
-    cli.console.print(table)
+    print_run_summary("refl summary", result)
     if result["finished"]:
         cli.console.print(f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}", highlight=False, soft_wrap=True)
         if result["frm"] == "dynamic":

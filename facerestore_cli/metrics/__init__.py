@@ -14,6 +14,7 @@
 | `lpips` | full-reference | lower | LPIPS (AlexNet), only when the lpips package and its backbone are on disk |
 | `niqe` | no-reference | lower | NIQE with the MATLAB release's pristine model (`weights/niqe/`) |
 | `frm` | no-reference | higher | the bundled Face Reward Model (`weights/frm-tiny/`) |
+| `lrpo_reward` | full-reference | higher | LRPO's composite reward (FRM, fidelity, wavelet structure), what `lrpo` trains against |
 | `pyiqa:<name>` | either | either | pyiqa's metrics, only when pyiqa and the weights are installed |
 
 A metric that cannot run here is listed with a one-line reason; none ever downloads weights or

@@ -10,9 +10,10 @@ from .external import LPIPS, PYIQA_METRICS, PYIQA_PREFIX, PyiqaMetric, pyiqa_ins
 from .frm import FRMScore
 from .identity import IdentityDistance, IdentitySimilarity
 from .niqe import NIQE
+from .reward import LrpoReward
 
 #: The project's own metrics, in the order tables show them.
-BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE, FRMScore)}
+BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE, FRMScore, LrpoReward)}
 
 
 def list_metrics() -> list[str]:

@@ -30,6 +30,9 @@ class RestorerConfig:
     unet: dict[str, Any]
     scheduler: dict[str, Any]
     timestep: int = DEFAULT_TIMESTEP
+    #: UNet calls per restoration: 1 is the one-step restorer; more walks a deterministic DDIM path
+    #: from `timestep` to the clean latent (models.sampler), the mode LRPO can tune.
+    sampling_steps: int = 1
     prompt_tokens: int = 4
     lora_rank_unet: int = 4
     lora_rank_vae: int = 4
@@ -103,6 +106,8 @@ class RestorerConfig:
             raise ValueError(f"config {self.name!r}: timestep {self.timestep} outside [0, {steps})")
         if self.prompt_tokens < 1:
             raise ValueError(f"config {self.name!r}: prompt_tokens must be >= 1")
+        if not 1 <= self.sampling_steps <= self.timestep + 1:
+            raise ValueError(f"config {self.name!r}: sampling_steps must be between 1 and timestep + 1 ({self.timestep + 1})")
         self._check_groups("vae", self.vae, int(self.vae.get("norm_num_groups", 32)))
         self._check_groups("unet", self.unet, int(self.unet.get("norm_num_groups", 32)))
 

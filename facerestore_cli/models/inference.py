@@ -1,16 +1,42 @@
 """Running the restorer on uint8 face crops: conversion, one step, colour fix.
 
-`restore` and `eval` both go through `restore_crops`, so what is measured is what users get.
+`restore` and `eval` both go through `restore_crops`, so what is measured is what users get,
+whichever backend runs the model (the torch restorer or an exported engine, export.backends).
+`CompiledRestorer` is the torch restorer under `torch.compile` (`restore --compile`), falling
+back to eager when compiling fails.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .color import DEFAULT_COLOR_FIX, color_fix
+from .configs import RestorerConfig
+
+if TYPE_CHECKING:
+    from .restorer import OneStepRestorer
+
+
+class RestoreModel(Protocol):
+    """What restoring needs of a model: `OneStepRestorer` or an exported engine's backend.
+
+    Called on Bx3xHxW in [-1, 1] on `device` in `dtype`; `config.face_size` is the crop size.
+    """
+
+    config: RestorerConfig
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -26,15 +52,98 @@ def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
 
 
 @torch.inference_mode()
-def restore_batch(model: torch.nn.Module, x: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
+def restore_batch(model: RestoreModel, x: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
     """One step, then the colour fix against the model's own input."""
     return color_fix(model(x), x, method)
 
 
-def restore_crops(model, crops: Sequence[np.ndarray], batch_size: int = 4, method: str = DEFAULT_COLOR_FIX) -> list[np.ndarray]:
+def restore_crops(model: RestoreModel, crops: Sequence[np.ndarray], batch_size: int = 4, method: str = DEFAULT_COLOR_FIX) -> list[np.ndarray]:
     """Restore aligned uint8 crops, batch_size at a time, on the model's device and dtype."""
     out: list[np.ndarray] = []
     for i in range(0, len(crops), batch_size):
         x = to_tensor(crops[i : i + batch_size], model.device, model.dtype)
         out += to_uint8(restore_batch(model, x, method))
     return out
+
+
+#: The submodules `--compile` compiles: what OneStepRestorer calls forward() on (the VAE itself
+#: is reached through encode()/decode(), which torch.compile of the VAE module would not cover).
+COMPILED_PARTS = ("unet", "vae.encoder", "vae.decoder")
+
+
+def _one_line(err: BaseException) -> str:
+    """`Type: first line`, through to the cause (dynamo's own first line only names the backend)."""
+    inner = getattr(err, "inner_exception", None) or err.__cause__
+    if inner is not None and inner is not err:
+        err = inner
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _swap(restorer: nn.Module, dotted: str, module: nn.Module) -> nn.Module:
+    """Put `module` at restorer.<dotted>; returns what was there."""
+    parent_name, _, name = dotted.rpartition(".")
+    parent = restorer.get_submodule(parent_name) if parent_name else restorer
+    old = getattr(parent, name)
+    setattr(parent, name, module)
+    return old
+
+
+class RestorerWrapper:
+    """Base of the wrappers around a `OneStepRestorer` (compile, precision guard): they pass its
+    config, device and dtype through, so they are `RestoreModel`s too."""
+
+    restorer: OneStepRestorer
+
+    @property
+    def config(self) -> RestorerConfig:
+        return self.restorer.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.restorer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.restorer.dtype
+
+
+class CompiledRestorer(RestorerWrapper):
+    """`RestoreModel` over a torch restorer whose UNet and VAE halves run under torch.compile.
+
+    Compiling happens lazily at the first batch; if it (or any later call of the compiled
+    modules) raises, the eager modules are put back, `warn` gets one line naming the reason and
+    the batch is redone eagerly, so `--compile` can only cost time, never a run.
+    `channels_last` (CUDA) moves the weights and inputs to NHWC, which tensor cores prefer.
+    """
+
+    def __init__(self, restorer: OneStepRestorer, backend: str = "inductor", channels_last: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.restorer, self.channels_last = restorer, channels_last
+        self.warn = warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
+        if channels_last:
+            restorer.to(memory_format=torch.channels_last)
+        self.eager = {p: _swap(restorer, p, torch.compile(restorer.get_submodule(p), backend=backend)) for p in COMPILED_PARTS}
+
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.eager)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.eager:
+            return self.restorer(x)
+        try:
+            return self.restorer(x)
+        except Exception as err:  # inductor/triton/compiler problems surface as many types
+            self.to_eager()
+            self.warn(f"--compile: torch.compile failed ({_one_line(err)}); running eager")
+            return self.restorer(x)
+
+    def to_eager(self) -> None:
+        """Put the original modules back (they share their weights with the compiled ones)."""
+        for part, module in self.eager.items():
+            _swap(self.restorer, part, module)
+        self.eager = {}

@@ -15,9 +15,10 @@ weights drop in::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .configs import RestorerConfig, get_config
+from .sampler import restore_latent
 
 __all__ = [
     "CONFIG_FILE",
@@ -239,7 +241,7 @@ class OneStepRestorer(nn.Module):
         kind = self.config.prediction_type
         if kind == "sample":
             return model_out
-        a = self._alpha_bar(t, z_t.shape[0], z_t.device)
+        a = self.alpha_bar(t, z_t.shape[0], z_t.device)
         zf, of = z_t.float(), model_out.float()
         if kind == "epsilon":
             x0 = (zf - (1 - a).sqrt() * of) / a.sqrt()
@@ -257,12 +259,15 @@ class OneStepRestorer(nn.Module):
         return x.clamp(-1, 1) if clamp else x
 
     def forward(self, x: Tensor) -> Tensor:
-        """Restore Bx3xHxW images in [-1, 1]; sides are reflect-padded to `size_multiple` and cropped back."""
+        """Restore Bx3xHxW images in [-1, 1]; sides are reflect-padded to `size_multiple` and cropped back.
+
+        `config.sampling_steps` > 1 (a model tuned by LRPO in few-step mode) walks the sampler's
+        deterministic path (models.sampler) instead of the single step."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected Bx3xHxW input, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         x = self._pad(x)
-        out = self.decode(self.denoise_latent(self.encode(x)))
+        out = self.decode(restore_latent(self, self.encode(x), self.config.sampling_steps))
         return out[..., :h, :w]
 
     def _pad(self, x: Tensor) -> Tensor:
@@ -278,7 +283,7 @@ class OneStepRestorer(nn.Module):
         t = torch.as_tensor(t, device=device, dtype=torch.long)
         return t.expand(batch) if t.dim() == 0 else t
 
-    def _alpha_bar(self, t: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    def alpha_bar(self, t: int | Tensor, batch: int, device: torch.device) -> Tensor:
         """alphas_cumprod[t] in float32 shaped Bx1x1x1 (kept float32 even for fp16 models)."""
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu()
         a = self.scheduler.alphas_cumprod.float()[t].to(device)
@@ -372,6 +377,19 @@ class OneStepRestorer(nn.Module):
     def _adapter_names(self, part: str) -> list[str]:
         return [info["name"] for info in self.lora_adapters.values() if info["part"] == part]
 
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[OneStepRestorer]:
+        """Run the frozen base: every LoRA adapter of the UNet and VAE switched off, then back on
+        (ReFL's regulariser compares the tuned model with it)."""
+        parts = [getattr(self, p) for p in ("unet", "vae") if self._adapter_names(p)]
+        for part in parts:
+            part.disable_adapters()
+        try:
+            yield self
+        finally:
+            for part in parts:
+                part.enable_adapters()
+
     def lora_parameters(self) -> list[nn.Parameter]:
         """LoRA weights (plus fully trained base modules such as conv_in, if marked) for an optimizer."""
         params = [p for n, p in self.named_parameters() if ".lora_" in n]
@@ -410,6 +428,8 @@ class OneStepRestorer(nn.Module):
             "rank_vae": self._rank_of("vae"),
             "adapters": list(self.lora_adapters.values()),
             "full_trained_modules": list(self.full_trained_modules),
+            # A LoRA tuned in few-step mode (LRPO) restores in that mode wherever it is applied.
+            "sampling_steps": self.config.sampling_steps,
         }
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +441,8 @@ class OneStepRestorer(nn.Module):
         return max((i["rank"] for i in self.lora_adapters.values() if i["part"] == part), default=0)
 
     def load_lora(self, path: str | Path) -> None:
-        """Add the adapters described in a `save_lora` file and load their weights.
+        """Add the adapters described in a `save_lora` file and load their weights (and the
+        sampling steps it was tuned with).
 
         Raises LoraMismatchError when the file was made for another config or architecture.
         """
@@ -441,6 +462,7 @@ class OneStepRestorer(nn.Module):
             if m not in self.full_trained_modules:
                 self.full_trained_modules.append(m)
         self._copy_weights(load_file(str(src)), src)
+        self.config.sampling_steps = int(meta.get("sampling_steps", self.config.sampling_steps))
 
     def _check_lora_meta(self, meta: dict[str, Any], src: Path) -> None:
         if meta.get("config_name") != self.config.name:

@@ -26,6 +26,11 @@ class DegradationConfig:
     noise_sigma: tuple[float, float] = (0.0, 15.0)
     jpeg_quality: tuple[int, int] = (30, 100)
     grey_noise_prob: float = 0.4
+    #: share of samples drawn only from the gentle end of every range, so the restorer also learns
+    #: to leave nearly clean faces alone (uniform draws put few samples there).
+    mild_fraction: float = 0.0
+    #: how much of each range, from its gentle end, a mild sample may use.
+    mild_share: float = 0.4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,9 +41,14 @@ class DegradationConfig:
         return cls(**known)
 
 
-def _uniform(lo_hi: tuple[float, float], n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+def _uniform(lo_hi: tuple[float, float], n: int, gen: torch.Generator, device: torch.device, gentle: torch.Tensor | None = None, share: float = 1.0, gentle_high: bool = False) -> torch.Tensor:
+    """Uniform draws in lo_hi; samples marked `gentle` stay in the first `share` of the range
+    from its gentle end (the low end, or the high end for JPEG quality)."""
     lo, hi = lo_hi
-    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+    u = torch.rand(n, generator=gen, device=device)
+    if gentle is not None:
+        u = torch.where(gentle, 1 - (1 - u) * share if gentle_high else u * share, u)
+    return lo + (hi - lo) * u
 
 
 def gaussian_kernels(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
@@ -148,19 +158,23 @@ class DegradationParams:
 
 
 def sample_params(cfg: DegradationConfig, n: int, gen: torch.Generator, device: torch.device = torch.device("cpu")) -> DegradationParams:
-    """Draw one set of degradation parameters per sample."""
-    sx = _uniform(cfg.blur_sigma, n, gen, device)
+    """Draw one set of degradation parameters per sample.
+
+    With `mild_fraction` 0 no extra random numbers are drawn, so seeded test sets rebuild exactly."""
+    gentle = torch.rand(n, generator=gen, device=device) < cfg.mild_fraction if cfg.mild_fraction > 0 else None
+    draw = lambda lo_hi, high=False: _uniform(lo_hi, n, gen, device, gentle, cfg.mild_share, high)  # noqa: E731
+    sx = draw(cfg.blur_sigma)
     aniso = torch.rand(n, generator=gen, device=device) < cfg.anisotropic_prob
-    sy = torch.where(aniso, _uniform(cfg.blur_sigma, n, gen, device), sx)
+    sy = torch.where(aniso, draw(cfg.blur_sigma), sx)
     theta = torch.where(aniso, _uniform((0.0, math.pi), n, gen, device), torch.zeros(n, device=device))
     return DegradationParams(
         sigma_x=sx,
         sigma_y=sy,
         theta=theta,
-        scale=_uniform(cfg.downsample, n, gen, device),
-        noise=_uniform(cfg.noise_sigma, n, gen, device),
+        scale=draw(cfg.downsample),
+        noise=draw(cfg.noise_sigma),
         grey_noise=torch.rand(n, generator=gen, device=device) < cfg.grey_noise_prob,
-        quality=_uniform(cfg.jpeg_quality, n, gen, device).round(),
+        quality=draw(cfg.jpeg_quality, True).round(),
     )
 
 

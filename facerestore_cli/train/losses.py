@@ -54,10 +54,14 @@ class EncoderPerceptualLoss(nn.Module):
             out.append(h / (h.norm(dim=1, keepdim=True) + 1e-6))
         return out
 
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+    def distance(self, x: Tensor, target: Tensor) -> Tensor:
+        """Per-sample distance (B,): the mean L1 of each level's normalised maps, summed over levels."""
         with torch.no_grad():
             ref = self.features(target)
-        return sum(F.l1_loss(a, b) for a, b in zip(self.features(x), ref))
+        return sum((a - b).abs().flatten(1).mean(1) for a, b in zip(self.features(x), ref))
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        return self.distance(x, target).mean()
 
 
 def diffusion_target(scheduler, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -23,7 +23,6 @@ restorer's 512-px degradation parameters scaled to that size (`rewards.autopairs
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -33,20 +32,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from .. import WEIGHTS_DIR
-from ..configfile import check_keys, read_config
 from ..models.color import low_frequency
 from ..models.restorer import OneStepRestorer
-from ..rewards.autopairs import degrade_at
-from ..rewards.frm import FaceRewardModel, load_frm, resize_for_model
+from ..rewards.frm import FaceRewardModel, load_frm
 from ..rewards.frm_training import preference_step
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
-from .data import AlignedFaces
-from .degrade import DegradationConfig, sample_params
+from .degrade import DegradationConfig
 from .losses import EncoderPerceptualLoss
-from .loop import LORA_FILE, autocast, export_final, infinite, save_model
+from .loop import LORA_FILE, LoraTuningConfig, autocast, degraded_pair, export_final, infinite, save_model, whole_face_loader
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -62,84 +56,32 @@ class ReflLossWeights:
 
 
 @dataclass
-class ReflConfig:
+class ReflConfig(LoraTuningConfig):
     """Everything a ReFL run depends on; saved beside the checkpoints so it can be repeated."""
 
-    data: list[str] = field(default_factory=list)
-    #: the restorer folder to tune (its weights stay frozen; LoRA adapters learn).
-    model: str = field(default_factory=lambda: str(WEIGHTS_DIR / "restorer-tiny"))
-    #: the FRM folder (or an upstream HPSv2 / FaceRewardModel.pth checkpoint).
-    frm: str = field(default_factory=lambda: str(WEIGHTS_DIR / "frm-tiny"))
-    lora_rank: int = 4
-    #: LoRA alpha (scale = alpha / rank); None keeps the model config's.
-    lora_alpha: float | None = None
-    steps: int = 500
-    batch_size: int = 4
-    #: whole aligned faces are resized to this (a multiple of the model's size multiple, 32 for tiny).
-    face_size: int = 256
-    lr: float = 1e-4
-    warmup_steps: int = 10
+    TABLES = {"losses": ReflLossWeights, "degradation": DegradationConfig}
+    KIND = "refl config"
+
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    #: wavelet levels removed for the structural term (4 at 256 px = the colour fix's 5 at 512 px).
-    wavelet_levels: int = 4
     #: every K steps the FRM learns to prefer ground truth over the current restorations; 0: frozen FRM.
     frm_update_every: int = 10
     frm_lr: float = 1e-5
     frm_grad_clip: float = 1.0
-    min_sharpness: float = 0.0
     precision: str = "fp32"
-    seed: int = 0
-    num_workers: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 100
     losses: ReflLossWeights = field(default_factory=ReflLossWeights)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ReflConfig":
-        """A TOML or JSON config; unknown keys are an error, not silently ignored."""
-        return cls.from_dict(read_config(path))
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "ReflConfig":
-        raw = dict(raw)
-        check_keys(raw, cls, "refl config")
-        check_keys(raw.get("losses", {}), ReflLossWeights, "refl [losses]")
-        losses = ReflLossWeights(**raw.pop("losses", {}))
-        degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
-        cfg = cls(**raw, losses=losses, degradation=degradation)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-        if cfg.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1 (ReFL trains LoRA adapters only), not {cfg.lora_rank}")
-        if cfg.frm_update_every < 0:
-            raise ValueError(f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {cfg.frm_update_every}")
-        if cfg.face_size < 32 or cfg.batch_size < 1 or cfg.steps < 1:
-            raise ValueError("face_size must be >= 32, batch_size and steps >= 1")
-        if any(w < 0 for w in asdict(cfg.losses).values()):
+    def validate(self) -> None:
+        super().validate()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.frm_update_every < 0:
+            raise ValueError(f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {self.frm_update_every}")
+        if any(w < 0 for w in asdict(self.losses).values()):
             raise ValueError("loss weights must be >= 0")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def dynamic_frm(self) -> bool:
         return self.frm_update_every > 0
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: OneStepRestorer):
-    """Run the frozen base model: every LoRA adapter of the UNet and VAE switched off, then back on."""
-    parts = [getattr(model, p) for p in ("unet", "vae") if model._adapter_names(p)]
-    for part in parts:
-        part.disable_adapters()
-    try:
-        yield model
-    finally:
-        for part in parts:
-            part.enable_adapters()
 
 
 class ReflObjective(torch.nn.Module):
@@ -169,7 +111,7 @@ class ReflObjective(torch.nn.Module):
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(restored, hq)
         if w.regulariser:
-            with torch.no_grad(), adapters_disabled(model):
+            with torch.no_grad(), model.adapters_disabled():
                 z_base = model.denoise_latent(model.encode(lq))
             terms["regulariser"] = F.mse_loss(z.float(), z_base.float())
         terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())
@@ -235,8 +177,7 @@ def train_refl(
             for group in frm_opt.param_groups:
                 group["lr"] = cfg.frm_lr  # the config's rate, like the restorer's (set every step)
     (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    data = AlignedFaces([Path(d) for d in cfg.data], patch_size=None, min_sharpness=cfg.min_sharpness)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000)
     log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
     batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
@@ -250,9 +191,7 @@ def train_refl(
         save_checkpoint(run_dir, lambda folder: save_model(model, folder), opt, step, extra)
 
     while step < cfg.steps and not budget.expired():
-        hq = next(batches).to(dev)
-        hq = resize_for_model(hq, cfg.face_size)
-        lq = degrade_at(hq, sample_params(cfg.degradation, hq.shape[0], gen), cfg.degradation.blur_kernel_size, gen)
+        hq, lq = degraded_pair(next(batches).to(dev), cfg.face_size, cfg.degradation, gen)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _warmup(step, cfg)
         with autocast(dev, cfg.precision):

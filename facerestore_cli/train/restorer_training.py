@@ -17,19 +17,19 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..configfile import check_keys, read_config
+from ..configfile import RunConfig
 from ..models.restorer import OneStepRestorer
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .data import AlignedFaces
 from .degrade import DegradationConfig, Degrader
-from .loop import LORA_FILE, autocast, export_final, infinite, save_model
+from .loop import LORA_FILE, accelerator, autocast, export_final, infinite, save_model
 from .losses import EncoderPerceptualLoss, diffusion_loss, l1_and_edges, vsd_loss
 
 
@@ -53,8 +53,11 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class RestorerTrainConfig:
+class RestorerTrainConfig(RunConfig):
     """Everything a run depends on; saved beside the checkpoints so a run can be repeated."""
+
+    TABLES = {"losses": LossWeights, "degradation": DegradationConfig}
+    KIND = "training config"
 
     data: list[str] = field(default_factory=list)
     model: str = "tiny"
@@ -84,29 +87,13 @@ class RestorerTrainConfig:
     losses: LossWeights = field(default_factory=LossWeights)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
-    @classmethod
-    def from_file(cls, path: Path) -> "RestorerTrainConfig":
-        """Read a TOML or JSON config file; unknown keys are an error, not silently ignored."""
-        return cls.from_dict(read_config(path))
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "RestorerTrainConfig":
-        raw = dict(raw)
-        check_keys(raw, cls, "training config")
-        check_keys(raw.get("losses", {}), LossWeights, "training [losses]")
-        losses = LossWeights(**raw.pop("losses", {}))
-        degradation = DegradationConfig.from_dict(raw.pop("degradation", {}))
-        cfg = cls(**raw, losses=losses, degradation=degradation)
-        if cfg.stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {cfg.stage!r}")
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-        if cfg.stage != "restorer" and (cfg.lora_rank or cfg.losses.vsd or cfg.losses.perceptual or cfg.timestep is not None):
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.timestep is not None):
             raise ValueError("lora_rank, timestep and the perceptual/vsd losses belong to the restorer stage")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -240,17 +227,6 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
     return model, objective
 
 
-def _accelerator(device: str):
-    """accelerate places the model and shards the data across processes (`accelerate launch`).
-
-    Mixed precision is a plain bf16 autocast (`loop.autocast`), not accelerate's: its process-wide
-    state cannot change precision between runs in one process (tests, notebooks).
-    """
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=torch.device(device).type == "cpu")
-
-
 def train_restorer(
     cfg: RestorerTrainConfig,
     run_dir: Path,
@@ -266,7 +242,7 @@ def train_restorer(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    acc = _accelerator(device)
+    acc = accelerator(device)
     torch.manual_seed(cfg.seed + acc.process_index)
     ckpt = find_checkpoint(run_dir) if resume else None
     model, objective = _build_model(cfg, ckpt)

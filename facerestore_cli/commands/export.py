@@ -1,0 +1,55 @@
+"""`export`: the restorer as an ONNX graph or a TensorRT engine, for `restore --backend onnx|tensorrt`.
+Option parsing and printing only; the work is in `facerestore_cli.export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import cli_module as _cli
+
+
+@click.command("export")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].")
+@click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="LoRA adapter (.safetensors), merged into the exported weights.")
+@click.option("--osediff", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True, help="onnx: one graph for onnxruntime (any machine); tensorrt: an fp16 engine for this GPU.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Engine file to write (.onnx / .engine); its sidecar goes to OUTPUT.json.")
+@click.option("--face-size", type=click.IntRange(16), default=None, help="Face crop size the engine takes [default: the model's, 512].")
+@click.option("--opset", type=click.IntRange(14), default=17, show_default=True, help="ONNX opset (--format onnx).")
+@click.option("--fp16", is_flag=True, help="--format onnx: fp16 weights and compute (float32 in and out), for CUDA.")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="--format tensorrt: most faces per call (restore's --batch-size).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to trace the model (and build TensorRT engines: cuda).")
+def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch, device) -> None:
+    """Export the restorer (VAE encoder, UNet step(s), VAE decoder; LoRA merged) as one engine.
+
+    \b
+    Examples:
+      facerestore export --model runs/tiny/final --lora runs/lrpo/lora.safetensors -o tiny.onnx
+      facerestore restore photos/ -o out/ --model runs/tiny/final --lora runs/lrpo/lora.safetensors --backend onnx --engine tiny.onnx
+      facerestore export --format tensorrt -o tiny.engine --max-batch 16
+    """
+    from ..devices import resolve_device
+    from ..export.engines import make_onnx, make_tensorrt
+    from ..export.source import ModelSource
+    from ..pipeline import DEFAULT_MODEL
+
+    cli = _cli()
+    source = ModelSource(model or DEFAULT_MODEL, lora, osediff)
+    try:
+        dev = resolve_device(device)
+        with cli.console.status(f"exporting {source.model} to {fmt}"):
+            if fmt == "onnx":
+                meta = make_onnx(source, out, face_size, fp16, opset, dev)
+            else:
+                meta = make_tensorrt(source, out, face_size, max_batch, dev)
+    except (FileNotFoundError, ValueError) as err:  # EngineError and LoraMismatchError are ValueErrors
+        cli.fail(str(err))
+    size_mb = out.stat().st_size / 2**20
+    cli.console.print(
+        f"{fmt} engine: {out} ({size_mb:.1f} MiB), {meta.face_size} px, {meta.sampling_steps} UNet step(s), "
+        f"model {meta.config_name} (fingerprint {meta.model_fingerprint}); sidecar {out.name}.json",
+        highlight=False, soft_wrap=True, markup=False,
+    )  # fmt: skip
+    cli.console.print(f"use it with: facerestore restore ... --backend {fmt} --engine {out} (and the same --model/--lora)", highlight=False, soft_wrap=True, markup=False)

@@ -1,0 +1,56 @@
+"""`lrpo`: online reinforcement learning of the restorer with ground-truth likelihood regularisation.
+Option parsing and printing only; the work is in `facerestore_cli.train.lrpo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import cli_module as _cli
+from .common import load_run_config, print_run_summary, run_device, run_options, secondary_process
+
+
+@click.command("lrpo")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.")
+@run_options("Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.")
+@click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
+    """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, composite reward,
+    PPO with noise-level advantages, and a ground-truth likelihood term.
+
+    \b
+    Example:
+      facerestore lrpo --config configs/lrpo_tiny.toml --data data/train_faces --out runs/lrpo
+      facerestore restore photos/ -o out/ --lora runs/lrpo/lora.safetensors
+    """
+    from ..metrics import MetricUnavailable
+    from ..rewards.backbones import BackboneError
+    from ..train.lrpo import LrpoConfig, train_lrpo
+
+    cli = _cli()
+    cfg = load_run_config(LrpoConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
+    dev = run_device(device)
+    if secondary_process():
+        train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
+        return
+    with cli._progress() as progress:
+        task = progress.add_task("lrpo", total=cfg.steps)
+
+        def on_start(report: list[str]) -> None:
+            progress.console.print("reward components:\n  " + "\n  ".join(report), highlight=False)
+
+        def on_step(step: int, terms: dict[str, float]) -> None:
+            progress.update(task, completed=step, description=f"lrpo reward {terms['reward_total']:+.4f} policy {terms['policy']:+.5f}")
+
+        try:
+            result = train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)
+        except (FileNotFoundError, BackboneError, MetricUnavailable, ValueError) as err:
+            progress.stop()
+            cli.fail(str(err))
+    print_run_summary("lrpo summary", result)
+    if result["finished"]:
+        mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
+        cli.console.print(f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}", highlight=False, soft_wrap=True)
+    else:
+        cli.console.print(f"stopped at step {result['step']}; run the same command again to resume")
