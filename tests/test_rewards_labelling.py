@@ -88,12 +88,18 @@ def test_label_command_serves_and_stops_cleanly(candidates: list[Pair], tmp_path
         line = proc.stderr.readline()
         assert "labelling 3 of 3 pairs" in line, line
         url = line.split(" at ")[1].split()[0]
-        state = json.loads(urllib.request.urlopen(url + "api/state").read())
+        with urllib.request.urlopen(url + "api/state") as response:  # closed now, not whenever GC runs
+            state = json.loads(response.read())
         body = json.dumps({"id": state["pair"]["id"], "choice": "tie"}).encode()
-        urllib.request.urlopen(urllib.request.Request(url + "api/label", data=body, headers={"Content-Type": "application/json"}))
+        with urllib.request.urlopen(urllib.request.Request(url + "api/label", data=body, headers={"Content-Type": "application/json"})):
+            pass
     finally:
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=30)[1]
+        try:
+            rest = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"`label` did not stop within 60 s of Ctrl-C; its stderr: {proc.communicate()[1][-2000:]}")
     assert proc.returncode == 0 and "1 of 3 pairs labelled" in rest
     assert json.loads(out.read_text())["preferred"] == "tie"
 

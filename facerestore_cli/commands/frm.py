@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -398,6 +399,9 @@ def label_cmd(pair_files, out, annotator, port, seed, open_browser) -> None:
         import webbrowser
 
         webbrowser.open(url)
+    # Ctrl-C (SIGINT) is how the page is stopped, even when started from a process that ignores
+    # SIGINT (background jobs, some test runners), which Python would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
