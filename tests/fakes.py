@@ -43,3 +43,13 @@ def fine_tuning_assets(root: Path) -> dict[str, Path]:
             cv2.imwrite(str(data / f"{i:06d}.png"), face_like(64, i))
             f.write(json.dumps(CropRecord(f"{i:06d}.png", "synthetic", 0, 1.0, 20.0, 200.0, "0").__dict__) + "\n")
     return {"base": root / "base", "frm": root / "frm", "data": data}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port can still be held
+    by the previous run's socket)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -26,7 +26,7 @@ from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
 from facerestore_cli.pipeline import Shard, Summary, fast_torch_model, merge_summaries
 
-from fakes import face_like
+from fakes import free_port, face_like
 
 FACE = 64
 SLOW = os.environ.get("FACERESTORE_SLOW_TESTS") == "1"
@@ -198,7 +198,7 @@ def test_merged_summary_adds_counts_and_keeps_one_copy_of_shared_errors() -> Non
 
 
 def torchrun_restore(model_dir: Path, src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "facerestore_cli.cli", "restore", str(src), "-o", str(out), "--aligned", "--device", "cpu",
            "--model", str(model_dir), "--batch-size", "2", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}

@@ -19,7 +19,7 @@ from facerestore_cli.models.sampler import gaussian_log_prob, restore_latent, sa
 from facerestore_cli.rewards.composite import CompositeReward, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
 from facerestore_cli.train.lrpo import LrpoConfig, LrpoObjective, build_lrpo, ground_truth_targets, group_advantages, ppo_loss, rollout, step_advantages, train_lrpo
-from fakes import face_like, fine_tuning_assets
+from fakes import free_port, face_like, fine_tuning_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,7 +213,7 @@ def test_two_process_lrpo_through_torchrun(assets, tmp_path: Path) -> None:
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(tiny_config(assets, steps=2, batch_size=1).to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", "-m", "facerestore_cli.cli", "lrpo", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "facerestore_cli.cli", "lrpo", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (done.stdout + done.stderr).count("lrpo summary") == 1, "only the main process reports"

@@ -18,6 +18,7 @@ from facerestore_cli.models import OneStepRestorer
 from facerestore_cli.train.data import AlignedFaces, prepare_faces, read_manifest
 from facerestore_cli.train.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
 from facerestore_cli.train.restorer_training import RestorerTrainConfig, train_restorer
+from fakes import free_port
 
 
 def face_batch(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -176,7 +177,7 @@ def test_two_process_training_through_torchrun(prepared: Path, tmp_path: Path) -
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(tiny_run_config(prepared, 2, timestep=250).to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "facerestore_cli.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "facerestore_cli.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
