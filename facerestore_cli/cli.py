@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import __version__
 from .commands.common import load_run_config, print_run_summary, run_device, run_options, secondary_process
+from .frames import FRAME_PATHS
 from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
 console = Console(stderr=True)
@@ -112,7 +113,8 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True, help="Run the restorer in torch, onnxruntime, or TensorRT (fp16, CUDA); the colour fix is the same.")
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
-def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model) -> None:
+@click.option("--frame-path", type=click.Choice(FRAME_PATHS), default="auto", show_default=True, help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.")
+def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
     Under torchrun (WORLD_SIZE > 1) each process restores every WORLD_SIZE-th input on its own
@@ -134,7 +136,7 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
         def warn(message: str) -> None:
             console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
 
-        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix, backend, engine_path, compile_model, warn, shard)
+        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix, backend, engine_path, compile_model, warn, shard, frame_path)
     except (DetectorUnavailable, FileNotFoundError, ValueError) as err:
         fail(str(err))
     lead = shard.rank == 0

@@ -592,13 +592,20 @@ def write_image(
     return path
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(h, w) of an image scaled by ``scale`` (rounded, at least 1), as ``resize_image`` makes it."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_image(rgb: np.ndarray, scale: float | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """Resize by ``scale`` or to ``size`` (h, w): Lanczos up, area down (for --upscale, --aligned)."""
     h, w = rgb.shape[:2]
     if size is None:
-        if scale is None or scale <= 0:
-            raise ValueError(f"scale must be positive, got {scale}")
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if scale is None:
+            raise ValueError("resize_image needs a scale or a size")
+        size = scaled_size(h, w, scale)
     if tuple(size) == (h, w):
         return rgb.copy()
     interp = cv2.INTER_LANCZOS4 if size[0] * size[1] > h * w else cv2.INTER_AREA

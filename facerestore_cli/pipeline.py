@@ -1,8 +1,10 @@
 """The restore loop: files in, restored files out, with a summary and per-file errors.
 
-`FaceRestorer` works on frames (detect -> align -> restore in batches -> paste back); `run_restore`
-walks the user's inputs, reads and writes media, keeps going past bad files and counts what
-happened. The CLI only parses options and shows progress.
+`FaceRestorer` works on frames (detect -> align -> restore in batches -> paste back, with numpy
+or on the model's device: frames.py); `run_restore` walks the user's inputs, reads and writes
+media, keeps going past bad files and counts what happened. Videos are decoded and encoded in
+background threads (threads.py) while their frames are restored. The CLI only parses options
+and shows progress.
 
 Under `torchrun` (WORLD_SIZE > 1) each process restores its `Shard` of the inputs on its own GPU
 and the summaries are gathered (`gather_summary`), so rank 0 can report the whole run.
@@ -22,8 +24,9 @@ import torch
 
 from . import WEIGHTS_DIR
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported: callers import them from here)
-from .faces.align import estimate_affine, paste_faces, scale_affine, warp_faces
+from .faces.align import estimate_affine
 from .faces.detector import Detector, Face, build_detector
+from .frames import AlignedFaces, FrameResult, resolve_frame_path, restore_frames_numpy, restore_frames_tensor
 from .media import (
     InputItem,
     LoadedImage,
@@ -40,9 +43,10 @@ from .media import (
     write_image,
 )
 from .models.color import DEFAULT_COLOR_FIX
-from .models.inference import CompiledRestorer, RestoreModel, restore_crops
+from .models.inference import CompiledRestorer, RestoreModel, restore_crops, restore_crops_tensor
 from .models.precision import LOW_PRECISION, PrecisionGuard
 from .models.restorer import OneStepRestorer
+from .threads import Prefetch, WriteBehind
 
 DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
 
@@ -86,23 +90,19 @@ def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
     return [min(faces, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - c)))]
 
 
-@dataclass
-class FrameResult:
-    """One restored frame and its faces (aligned inputs and restorations, for --save-faces)."""
-
-    image: np.ndarray
-    crops: list[np.ndarray]
-    restored: list[np.ndarray]
-    found: int
-
-
 class FaceRestorer:
-    """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames."""
+    """Detect -> align -> restore (batched across frames) -> paste back, on RGB uint8 frames.
 
-    def __init__(self, model: RestoreModel, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX):
+    `frame_path` (`--frame-path`): "tensor" warps, restores and pastes each chunk of frames on
+    the model's device, "numpy" with OpenCV on the CPU, "auto" is tensor on CUDA (frames.py).
+    """
+
+    def __init__(self, model: RestoreModel, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX,
+                 frame_path: str = "auto"):  # fmt: skip
         self.model, self.detector = model, detector
         self.batch_size, self.color_fix = batch_size, color_fix
         self.face_size = model.config.face_size
+        self.frame_path = resolve_frame_path(frame_path, model.device)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +116,10 @@ class FaceRestorer:
         """Restore aligned face crops (face_size square), batch_size at a time."""
         return restore_crops(self.model, crops, self.batch_size, self.color_fix)
 
+    def restore_crops_tensor(self, crops: torch.Tensor) -> torch.Tensor:
+        """The same for a uint8 Nx3xSxS tensor; uint8 out on the model's device."""
+        return restore_crops_tensor(self.model, crops, self.batch_size, self.color_fix)
+
     def restore_aligned(self, image: np.ndarray) -> FrameResult:
         """An input that is already an aligned face: resize to the model's size and restore."""
         crop = image if image.shape[:2] == (self.face_size,) * 2 else resize_image(image, size=(self.face_size, self.face_size))
@@ -125,19 +129,14 @@ class FaceRestorer:
     def restore_frames(self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False) -> list[FrameResult]:
         """Whole frames: every detected face restored in one batch across all frames, then pasted."""
         detections = self.detector.detect(list(frames))
-        per_frame: list[tuple[list[np.ndarray], list[np.ndarray], int]] = []
-        for frame, faces in zip(frames, detections):
-            kept = center_face(faces, frame.shape) if only_center_face else faces
-            affines = [estimate_affine(f.landmarks, self.face_size) for f in kept]
-            per_frame.append((affines, warp_faces(frame, affines, self.face_size), len(faces)))
-        restored = iter(self.restore_crops([c for _, crops, _ in per_frame for c in crops]))
-        results = []
-        for frame, (affines, crops, found) in zip(frames, per_frame):
-            faces_out = [next(restored) for _ in crops]
-            background = frame if upscale == 1 else resize_image(frame, scale=upscale)
-            image = paste_faces(background, faces_out, [scale_affine(a, upscale) for a in affines]) if crops else background
-            results.append(FrameResult(image, crops, faces_out, found))
-        return results
+        aligned = [self._align(frame, faces, only_center_face) for frame, faces in zip(frames, detections)]
+        if self.frame_path == "tensor":
+            return restore_frames_tensor(frames, aligned, upscale, self.face_size, self.restore_crops_tensor, self.device)
+        return restore_frames_numpy(frames, aligned, upscale, self.face_size, self.restore_crops)
+
+    def _align(self, frame: np.ndarray, faces: list[Face], only_center_face: bool) -> AlignedFaces:
+        kept = center_face(faces, frame.shape) if only_center_face else faces
+        return AlignedFaces([estimate_affine(f.landmarks, self.face_size) for f in kept], len(faces))
 
 
 @dataclass
@@ -347,23 +346,35 @@ def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterable[list[np.ndarray]]:
 
 
 def restore_video(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter) -> None:
-    """One video, frame chunk by frame chunk (faces of a chunk share model batches), audio kept."""
+    """One video, frame chunk by frame chunk (faces of a chunk share model batches), audio kept.
+
+    The next chunk is decoded and the previous one encoded in background threads while this
+    one is restored; their errors surface here, and the writer leaves no output behind then.
+    """
     info = probe_video(item.path)
     reporter.file_started(item, info.frame_count)
     faces_before, frames = summary.faces_found, 0
     size = (round(info.width * opts.upscale), round(info.height * opts.upscale))
-    with VideoWriter(out, info.fps, size, audio_from=item.path if info.has_audio else None) as writer:
-        for chunk in _chunks(read_video_frames(item.path), opts.video_chunk):
+    with (
+        VideoWriter(out, info.fps, size, audio_from=item.path if info.has_audio else None) as writer,
+        Prefetch(_chunks(read_video_frames(item.path), opts.video_chunk), name="decode") as chunks,
+        WriteBehind(lambda images: _write_frames(writer, images), name="encode") as encoder,
+    ):
+        for chunk in chunks:
             results = engine.restore_frames(chunk, opts.upscale, opts.only_center_face)
             _count_faces(summary, results)
-            for r in results:
-                writer.write(r.image)
+            encoder.put([r.image for r in results])
             frames += len(chunk)
             reporter.frames_done(len(chunk))
     summary.frames += frames
     summary.videos += 1
     if summary.faces_found == faces_before:
         summary.files_without_faces += 1
+
+
+def _write_frames(writer: VideoWriter, images: list[np.ndarray]) -> None:
+    for image in images:
+        writer.write(image)
 
 
 def _fail(summary: Summary, reporter: Reporter, message: str) -> None:
@@ -423,14 +434,16 @@ def build_engine(
     compile_model: bool = False,
     warn: Callable[[str], None] | None = None,
     shard: Shard | None = None,
+    frame_path: str = "auto",
 ) -> FaceRestorer:
     """Everything `restore` needs loaded once: the restorer and the detector on one device
-    (this process's GPU under torchrun). `warn` gets one-line warnings (fp16 fallback, compile)."""
+    (this process's GPU under torchrun). `warn` gets one-line warnings (fp16 fallback, compile);
+    `frame_path` is where whole frames are warped and pasted (see `FaceRestorer`)."""
     dev = (shard or Shard()).device(resolve_device(device))
     dtype = resolve_dtype(precision, dev)
     restorer = load_model(backend, model, lora, osediff, dev, dtype, precision, engine, batch_size, compile_model, warn)
     det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
-    return FaceRestorer(restorer, det, batch_size, color_fix)
+    return FaceRestorer(restorer, det, batch_size, color_fix, frame_path)
 
 
 def load_model(

@@ -53,3 +53,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_model_config(**changes):
+    """The `tiny` restorer config shrunk further, so tests restore and train in milliseconds;
+    `changes` are `with_overrides` fields (face_size, name, timestep, ...)."""
+    from facerestore_cli.models import configs
+
+    return configs.get_config("tiny").with_overrides(
+        vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
+        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
+              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
+        **changes,
+    )  # fmt: skip
+
+
+def tiny_restorer(face_size: int = 64, seed: int = 0):
+    """A random `OneStepRestorer` small enough to restore a few 64 px faces in a blink (CPU, fp32)."""
+    from facerestore_cli.models import OneStepRestorer
+
+    torch.manual_seed(seed)
+    return OneStepRestorer.from_config(tiny_model_config(face_size=face_size)).eval()
+
+
+def landmarks_at(center: tuple[float, float], eye_distance: float, angle: float = 0.0) -> np.ndarray:
+    """Five FFHQ-template landmarks (5x2, image pixels) of a face centred at `center`, rotated by `angle`."""
+    from facerestore_cli.faces.align import FFHQ_TEMPLATE_512
+
+    t = FFHQ_TEMPLATE_512 - FFHQ_TEMPLATE_512.mean(0)
+    scale = eye_distance / float(np.linalg.norm(t[1] - t[0]))
+    c, s = np.cos(angle), np.sin(angle)
+    return (t @ np.array([[c, s], [-s, c]]) * scale + np.asarray(center)).astype(np.float32)
+
+
+class FixedFaces:
+    """A `Detector` that finds the same faces (given by their landmarks) in every image."""
+
+    def __init__(self, landmarks: list[np.ndarray]):
+        self.landmarks = landmarks
+        self.calls = 0
+
+    def detect(self, images: list[np.ndarray]) -> list[list]:
+        from facerestore_cli.faces.detector import make_faces
+
+        self.calls += 1
+        pad = [[-10, -10, 10, 10]]
+        boxes = [np.r_[lm.min(0), lm.max(0)] + pad[0] for lm in self.landmarks]
+        return [make_faces(boxes, [0.99] * len(boxes), self.landmarks) for _ in images]
+
+
+def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6) -> None:
+    """A short clip of `face` (even width and height) drifting sideways, with a sine-wave audio track."""
+    import subprocess
+
+    from facerestore_cli.media import ffmpeg_exe
+
+    h, w = face.shape[:2]
+    lavfi = ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps}"]
+    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *lavfi]
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)]
+    data = b"".join(np.roll(face, 4 * i, axis=1).tobytes() for i in range(frames))
+    subprocess.run(cmd, input=data, check=True)
+
+
+class NegativeModel:
+    """A `RestoreModel` whose "restoration" is the negative of the face: a change anyone can see
+    in the output, which moves no more than its input does (a grey level in, a grey level out)."""
+
+    def __init__(self, face_size: int = 64):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(face_size=face_size)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return -x

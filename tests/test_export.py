@@ -20,9 +20,10 @@ from facerestore_cli.export.meta import read_meta, sidecar_path
 from facerestore_cli.export.source import ModelSource
 from facerestore_cli.models import configs
 from facerestore_cli.models.restorer import OneStepRestorer
+from facerestore_cli.models.sampler import restore_latent
 from facerestore_cli.pipeline import load_restorer
 
-from fakes import face_like
+from fakes import face_like, tiny_model_config
 
 pytest.importorskip("onnxruntime")  # a guard only: the test extra installs it
 
@@ -41,13 +42,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def small_config(**changes) -> configs.RestorerConfig:
-    small = configs.get_config("tiny").with_overrides(
-        face_size=FACE,
-        vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
-    return small.with_overrides(**changes) if changes else small
+    return tiny_model_config(face_size=FACE, **changes)
 
 
 def save_model(path: Path, seed: int, **changes) -> Path:
@@ -68,6 +63,18 @@ def save_lora(base: Path, path: Path) -> Path:
     return model.save_lora(path)
 
 
+def save_fused_model(path: Path) -> Path:
+    """A model with skip fusion whose weights are not zero, so the graph must really carry it."""
+    torch.manual_seed(3)
+    model = OneStepRestorer.from_config(small_config())
+    model.add_skip_fusion([1, 2, 3])
+    with torch.no_grad():
+        for p in model.skip_fusion.parameters():
+            p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -77,6 +84,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "lora": save_lora(one, root / "lora.safetensors"),
         "other": save_model(root / "other", seed=1),  # same architecture, other weights
         "two_step": save_model(root / "two_step", seed=2, timestep=250, sampling_steps=2),
+        "skips": save_fused_model(root / "skips"),
     }
 
 
@@ -89,7 +97,7 @@ def export(args: list[str]):
     return CliRunner().invoke(main, ["export", "--device", "cpu", *args])
 
 
-@pytest.mark.parametrize("which", ["one_step+lora", "two_step"])
+@pytest.mark.parametrize("which", ["one_step+lora", "two_step", "skips"])
 def test_onnx_graph_matches_torch_at_any_batch(models: dict[str, Path], tmp_path: Path, which: str) -> None:
     from facerestore_cli.export.backends import OnnxBackend
 
@@ -112,6 +120,10 @@ def test_onnx_graph_matches_torch_at_any_batch(models: dict[str, Path], tmp_path
         got = backend(x)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max().item() < 1e-3, f"batch {batch}"
+    if name == "skips":  # the fusion really is in the graph
+        with torch.no_grad():
+            plain = reference.decode(restore_latent(reference, reference.encode(images(1)), 1))
+        assert (backend(images(1)) - plain).abs().max().item() > 1e-3
     if lora:  # the LoRA really is in the graph
         with torch.no_grad():
             base = load_restorer(models[name], None, CPU, torch.float32)(images(1))

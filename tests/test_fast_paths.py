@@ -26,7 +26,7 @@ from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
 from facerestore_cli.pipeline import Shard, Summary, fast_torch_model, merge_summaries
 
-from fakes import free_port, face_like
+from fakes import face_like, free_port, tiny_model_config
 
 FACE = 64
 SLOW = os.environ.get("FACERESTORE_SLOW_TESTS") == "1"
@@ -36,12 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config() -> configs.RestorerConfig:
-    return configs.get_config("tiny").with_overrides(
-        face_size=FACE,
-        vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
+    return tiny_model_config(face_size=FACE)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +110,21 @@ def test_decoder_overflow_is_redone_with_fp32_decoder(model_dir: Path, monkeypat
     assert all(np.array_equal(a, b) for a, b in zip(out, to_uint8(want)))
     ref = restore_crops(load(model_dir), faces, batch_size=2, method="none")
     assert np.abs(np.stack(out).astype(int) - np.stack(ref)).mean() < 5, "and near the fp32 model"
+
+
+def test_fp32_decoder_fallback_takes_the_skip_fusion_along(model_dir: Path) -> None:
+    low = load(model_dir, torch.bfloat16)
+    low.add_skip_fusion([1, 2, 3])
+    with torch.no_grad():
+        for p in low.skip_fusion.parameters():
+            p.normal_(0, 0.05)
+    reference = copy.deepcopy(low).float()
+    guard = PrecisionGuard(low, warn=lambda _: None)
+    guard._decoder_to_fp32()  # as after an overflow: bf16 encoder and UNet, fp32 decoder and fusion
+    assert low.skip_fusion.blocks["1"].body[1].weight.dtype == torch.float32
+    out = restore_crops(guard, crops(2), batch_size=2, method="none")
+    ref = restore_crops(reference, crops(2), batch_size=2, method="none")
+    assert np.abs(np.stack(out).astype(int) - np.stack(ref)).mean() < 5
 
 
 def test_still_bad_batch_is_redone_in_fp32_and_model_stays_low(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from facerestore_cli.models.restorer import (
     vae_encoder_lora_targets,
 )
 from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
+from fakes import tiny_model_config
 
 
 
@@ -31,12 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_config(name: str = "tiny", **changes) -> configs.RestorerConfig:
     """The tiny config shrunk further so LoRA/persistence tests take milliseconds."""
-    small = configs.get_config("tiny").with_overrides(
-        vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
-    return small.with_overrides(name=name, **changes) if changes or name != "tiny" else small
+    return tiny_model_config(name=name, **changes)
 
 
 def make_model(seed: int = 0, cfg: configs.RestorerConfig | None = None) -> OneStepRestorer:
@@ -132,6 +128,44 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     assert err.mean() < 5e-3 and err.max() < 0.1  # fp16 rounding of the weights only
     with pytest.raises(FileNotFoundError, match="not a restorer folder"):
         OneStepRestorer.from_pretrained(tmp_path / "h" / "vae")
+
+
+# ------------------------------------------------------------------------------------ skip fusion
+def randomize_fusion(model: OneStepRestorer, std: float = 0.05, seed: int = 4) -> None:
+    """Fresh fusion adds zero; give it weights so it changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.skip_fusion.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_skip_fusion_starts_as_a_no_op_then_feeds_the_input_to_the_decoder(tmp_path: Path) -> None:
+    model = make_model()
+    x = images(2, 32)
+    with torch.no_grad():
+        plain = model(x)
+        model.add_skip_fusion([1, 2, 3])
+        assert torch.equal(model(x), plain), "fresh fusion must leave a finished restorer's output unchanged"
+        randomize_fusion(model)
+        fused = model(x)
+        assert (fused - plain).abs().max() > 1e-3
+        z, skips = model.encode_with_skips(x)
+        assert torch.equal(z, model.encode(x)) and [s.shape[-1] for s in skips[:4]] == [32, 16, 8, 4]
+        z0, raw = model.restore_one_step(x)
+        assert torch.allclose(raw.clamp(-1, 1), fused, atol=1e-6), "training's step must be the restore step"
+        assert not torch.allclose(model.decode(z0), fused, atol=1e-3), "a latent alone decodes without the input's features"
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "skip_fusion.safetensors").is_file()
+    loaded = OneStepRestorer.from_pretrained(tmp_path / "m")
+    assert loaded.config.skip_levels == [1, 2, 3]
+    assert architecture_fingerprint(loaded) != architecture_fingerprint(make_model()), "a LoRA of the plain model must not fit"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused)
+    (tmp_path / "m" / "skip_fusion.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="skip fusion"):
+        OneStepRestorer.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="skip_levels"):
+        make_model().add_skip_fusion([4])
 
 
 # ------------------------------------------------------------------------------------ LoRA

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 from facerestore_cli.cli import main
 from facerestore_cli.faces import estimate_affine
-from facerestore_cli.media import ffmpeg_exe, probe_video, read_image, read_video_frames
+from facerestore_cli.media import probe_video, read_image, read_video_frames
 from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+
+from fakes import make_face_video
 
 REAL = "real_lq"
 WHOLE = ["CodeFormer/inputs/whole_imgs/00.jpg", "GFPGAN/inputs/whole_imgs/10045.jpg"]
@@ -91,16 +93,6 @@ def test_no_face_written_through_and_upscaled(engine, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "wall.png").read_bytes() == (tmp_path / "wall.png").read_bytes(), "must be passed through unchanged"
     run_restore([str(tmp_path / "wall.png")], engine, RestoreOptions(tmp_path / "up", upscale=2))
     assert cv2.imread(str(tmp_path / "up" / "wall.png")).shape == (240, 320, 3)
-
-
-def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6) -> None:
-    """A short clip of a real face drifting sideways, with a sine-wave audio track."""
-    h, w = face.shape[:2]
-    lavfi = ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps}"]
-    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *lavfi]
-    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)]
-    data = b"".join(np.roll(face, 4 * i, axis=1).tobytes() for i in range(frames))
-    subprocess.run(cmd, input=data, check=True)
 
 
 def test_video_keeps_frames_fps_and_audio(engine, real: Path, tmp_path: Path) -> None:

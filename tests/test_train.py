@@ -130,6 +130,22 @@ def test_two_stages_autoencoder_then_restorer_with_frozen_decoder(prepared: Path
     assert any(not torch.equal(a, b) for a, b in zip(start.unet.parameters(), end.unet.parameters()))
 
 
+def test_skip_fusion_stage_trains_decoder_and_fusion_only(prepared: Path, tmp_path: Path) -> None:
+    base = train_restorer(tiny_run_config(prepared, 1), tmp_path / "base")
+    assert base["finished"]
+    start = OneStepRestorer.from_pretrained(tmp_path / "base" / "final", torch_dtype=torch.float32)
+    frozen = ["vae.encoder", "vae.quant_conv", "unet", "prompt_embeds"]
+    cfg = tiny_run_config(prepared, 2, model=str(tmp_path / "base" / "final"), skip_levels=[1, 2, 3], freeze=frozen)
+    assert train_restorer(cfg, tmp_path / "skips")["finished"]
+    end = OneStepRestorer.from_pretrained(tmp_path / "skips" / "final", torch_dtype=torch.float32)
+    assert end.config.skip_levels == [1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(start.unet.parameters(), end.unet.parameters())), "the UNet was frozen"
+    assert all(torch.equal(a, b) for a, b in zip(start.vae.encoder.parameters(), end.vae.encoder.parameters()))
+    assert any(p.abs().sum() > 0 for n, p in end.skip_fusion.named_parameters() if n.endswith("body.3.weight")), "the fusion must learn"
+    with pytest.raises(ValueError, match="skip_levels"):
+        RestorerTrainConfig.from_dict({"stage": "prior", "skip_levels": [1]})
+
+
 def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('steps = 3\nlearning_rate = 0.1\n')

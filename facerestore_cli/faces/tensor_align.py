@@ -1,11 +1,12 @@
-"""The alignment warp and feathered paste-back of `faces.align`, in torch, so frames can stay on the GPU.
+"""The alignment warp and feathered paste-back of `faces.align` (and the --upscale resize), in torch.
 
+`restore`'s tensor frame path (`frames.py`, `--frame-path tensor`, the default on CUDA) uses
+them so a chunk of frames stays on the GPU from upload to the finished frames.
 Same conventions and the same results within a grey level or two: affines are the 2x3 image ->
 crop matrices of `estimate_affine` (pixel centres at integer coordinates, which is
 `grid_sample(align_corners=True)`), bicubic (a = -0.75, as cv2's INTER_CUBIC) for images,
 bilinear for the mask, an area pre-shrink for faces larger than their crop and a Gaussian
 low-pass for faces smaller than it. Images are float 3xHxW in 0..255 on any device.
-Not wired into `restore` yet: frames are still decoded to numpy there.
 """
 
 from __future__ import annotations
@@ -84,6 +85,47 @@ def _area_resize(x: Tensor, height: int, width: int) -> Tensor:
     ry = _area_weights(x.shape[1], height, x.device).to(x.dtype)
     rx = _area_weights(x.shape[2], width, x.device).to(x.dtype)
     return torch.einsum("yh,chw,xw->cyx", ry, x, rx)
+
+
+def _lanczos_taps(src: int, dst: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """dst x 8 source indices (edge replicated) and weights of cv2's INTER_LANCZOS4 along one axis.
+
+    cv2 takes the 8 pixels around each output position, weighted by sinc(d) * sinc(d / 4) and
+    normalised; computing the same weights here keeps the two frame paths' upscaled
+    backgrounds within a grey level of each other.
+    """
+    pos = (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
+    start = np.floor(pos)
+    taps = np.arange(-3, 5)
+    dist = (pos - start)[:, None] - taps[None, :]
+    weights = np.sinc(dist) * np.sinc(dist / 4)
+    weights /= weights.sum(1, keepdims=True)
+    index = np.clip(start[:, None] + taps[None, :], 0, src - 1).astype(np.int64)
+    return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device)
+
+
+def _lanczos_axis(x: Tensor, size: int, dim: int) -> Tensor:
+    """Resample dimension `dim` of x to `size` with Lanczos-4 (8 gathers, not a dense matrix)."""
+    index, weights = _lanczos_taps(x.shape[dim], size, x.device)
+    shape = [1] * x.ndim
+    shape[dim] = size
+    out = x.new_zeros(())
+    for k in range(index.shape[1]):
+        out = out + x.index_select(dim, index[:, k]) * weights[:, k].to(x.dtype).view(shape)
+    return out
+
+
+def resize_tensor(image: Tensor, height: int, width: int) -> Tensor:
+    """A float ...xHxW image resized like `media.resize_image`: Lanczos-4 when the area grows
+    (what --upscale does to the background), area averaging when it shrinks."""
+    h, w = image.shape[-2:]
+    if (height, width) == (h, w):
+        return image.clone()
+    if height * width > h * w:
+        return _lanczos_axis(_lanczos_axis(image, width, -1), height, -2)
+    if image.ndim != 3:
+        raise ValueError(f"shrinking takes one 3xHxW image, got {tuple(image.shape)}")
+    return _area_resize(image, height, width)
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:

@@ -1,7 +1,8 @@
 """Running the restorer on uint8 face crops: conversion, one step, colour fix.
 
-`restore` and `eval` both go through `restore_crops`, so what is measured is what users get,
-whichever backend runs the model (the torch restorer or an exported engine, export.backends).
+`restore` and `eval` both go through `restore_crops_tensor` (`restore_crops` is it for numpy
+crops), so what is measured is what users get, whichever backend runs the model (the torch
+restorer or an exported engine, export.backends).
 `CompiledRestorer` is the torch restorer under `torch.compile` (`restore --compile`), falling
 back to eager when compiling fails.
 """
@@ -39,16 +40,24 @@ class RestoreModel(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Bx3xHxW in 0..255 (uint8 or float, any device) -> the model's [-1, 1] on its device and dtype."""
+    return (x.to(device).to(dtype) / 127.5 - 1).contiguous()
+
+
 def to_tensor(crops: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 HxWx3 crops (same size) -> Bx3xHxW in [-1, 1]."""
-    x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2)
-    return (x.to(dtype) / 127.5 - 1).contiguous()
+    return model_input(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2), device, dtype)
+
+
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Bx3xHxW in [-1, 1] -> uint8 Bx3xHxW on the same device."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
     """Bx3xHxW in [-1, 1] -> uint8 HxWx3 arrays."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
+    return list(to_uint8_tensor(x).permute(0, 2, 3, 1).cpu().numpy())
 
 
 @torch.inference_mode()
@@ -57,13 +66,23 @@ def restore_batch(model: RestoreModel, x: torch.Tensor, method: str = DEFAULT_CO
     return color_fix(model(x), x, method)
 
 
+def restore_crops_tensor(model: RestoreModel, crops: torch.Tensor, batch_size: int = 4, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
+    """Restore aligned crops given as a uint8 Bx3xSxS tensor (any device), batch_size at a time.
+
+    Returns uint8 Bx3xSxS on the model's device, so a frame path that keeps its frames there
+    (frames.py) never takes the faces through host memory.
+    """
+    out = [to_uint8_tensor(restore_batch(model, model_input(crops[i : i + batch_size], model.device, model.dtype), method))
+           for i in range(0, len(crops), batch_size)]  # fmt: skip
+    return torch.cat(out) if out else torch.empty((0, *crops.shape[1:]), dtype=torch.uint8, device=model.device)
+
+
 def restore_crops(model: RestoreModel, crops: Sequence[np.ndarray], batch_size: int = 4, method: str = DEFAULT_COLOR_FIX) -> list[np.ndarray]:
-    """Restore aligned uint8 crops, batch_size at a time, on the model's device and dtype."""
-    out: list[np.ndarray] = []
-    for i in range(0, len(crops), batch_size):
-        x = to_tensor(crops[i : i + batch_size], model.device, model.dtype)
-        out += to_uint8(restore_batch(model, x, method))
-    return out
+    """Restore aligned uint8 HxWx3 crops, batch_size at a time, on the model's device and dtype."""
+    if not len(crops):
+        return []
+    batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # moved to the device a batch at a time
+    return list(restore_crops_tensor(model, batch, batch_size, method).permute(0, 2, 3, 1).cpu().numpy())
 
 
 #: The submodules `--compile` compiles: what OneStepRestorer calls forward() on (the VAE itself

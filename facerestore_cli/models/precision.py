@@ -95,7 +95,7 @@ class PrecisionGuard(RestorerWrapper):
 
     def _decoder_parts(self) -> list[nn.Module]:
         vae = self.restorer.vae
-        return [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None]
+        return [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder, self.restorer.skip_fusion) if m is not None]
 
     def _decoder_to_fp32(self) -> None:
         """Cast post_quant_conv + decoder to fp32 and feed them fp32 (the encoder and UNet stay low)."""

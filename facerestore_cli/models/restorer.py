@@ -10,7 +10,10 @@ does: the decoder must keep producing the base model's image distribution.
 On-disk layout (`save_pretrained`) mirrors a diffusers Stable Diffusion folder so SD-derived
 weights drop in::
 
-    restorer_config.json  vae/  unet/  scheduler/  prompt_embeds.safetensors
+    restorer_config.json  vae/  unet/  scheduler/  prompt_embeds.safetensors  [skip_fusion.safetensors]
+
+The optional skip fusion (`config.skip_levels`, models.skips) lets the decoder read the input's
+encoder features as well as the restored latent, so identity survives the small latent.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .configs import RestorerConfig, get_config
 from .sampler import restore_latent
+from .skips import SkipFusion, Skips, decode_fused, encode_moments
 
 __all__ = [
     "CONFIG_FILE",
@@ -47,6 +52,7 @@ __all__ = [
 
 CONFIG_FILE = "restorer_config.json"
 PROMPT_FILE = "prompt_embeds.safetensors"
+SKIP_FILE = "skip_fusion.safetensors"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LORA_FORMAT = "facerestore-lora/1"
 _LORA_META_KEY = "facerestore_lora"
@@ -128,6 +134,8 @@ def architecture_fingerprint(restorer: OneStepRestorer) -> str:
         "timestep": restorer.config.timestep,
         "prompt": list(restorer.prompt_embeds.shape[1:]),
     }
+    if restorer.config.skip_levels:  # absent otherwise, so fingerprints of plain models do not change
+        arch["skip_levels"] = list(restorer.config.skip_levels)
     return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -180,6 +188,7 @@ class OneStepRestorer(nn.Module):
         self.lora_adapters: dict[str, dict[str, Any]] = {}
         #: base modules trained in full next to LoRA (OSEDiff trains unet.conv_in); saved by save_lora.
         self.full_trained_modules: list[str] = []
+        self.skip_fusion = SkipFusion(config.vae, config.skip_levels) if config.skip_levels else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,11 +222,20 @@ class OneStepRestorer(nn.Module):
     # ------------------------------------------------------------------ the restoration step
     def encode(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Image in [-1, 1] -> scaled latent (posterior mode, or a sample when training)."""
-        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        return self.encode_with_skips(x, sample, generator)[0]
+
+    def encode_with_skips(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Skips | None]:
+        """The scaled latent and, with skip fusion, the encoder features `decode` fuses (else None)."""
+        x = x.to(self.vae.dtype)
+        if self.skip_fusion is None:
+            dist, skips = self.vae.encode(x).latent_dist, None
+        else:
+            moments, skips = encode_moments(self.vae, x)
+            dist = DiagonalGaussianDistribution(moments)
         use_sample = self.sample_posterior if sample is None else sample
         z = dist.sample(generator) if use_sample else dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
+        return (z - shift) * self.vae.config.scaling_factor, skips
 
     def unet_output(self, z_t: Tensor, timestep: int | Tensor | None = None) -> Tensor:
         """Raw UNet prediction (epsilon / v / x0 depending on the config) for latents z_t."""
@@ -251,12 +269,33 @@ class OneStepRestorer(nn.Module):
             raise ValueError(f"unsupported prediction_type {kind!r}")
         return x0.to(model_out.dtype)
 
-    def decode(self, z0: Tensor, clamp: bool = True) -> Tensor:
-        """Scaled clean latent -> image; clamped to [-1, 1] unless a loss wants the raw output."""
+    def decode(self, z0: Tensor, clamp: bool = True, skips: Skips | None = None) -> Tensor:
+        """Scaled clean latent -> image; clamped to [-1, 1] unless a loss wants the raw output.
+
+        `skips` (from `encode_with_skips` of the degraded input) feed the skip fusion; without
+        them the plain decoder runs (a latent with no input image, e.g. a ground truth's)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = z0 / self.vae.config.scaling_factor + shift
-        x = self.vae.decode(z.to(self.vae.dtype)).sample
+        z = (z0 / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+        if self.skip_fusion is not None and skips is not None:
+            x = decode_fused(self.vae, z, self.skip_fusion, skips)
+        else:
+            x = self.vae.decode(z).sample
         return x.clamp(-1, 1) if clamp else x
+
+    def restore_one_step(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The single step as training sees it: (clean latent, unclamped image), skips included.
+        Unclamped because a clamp would stop gradients at the limits."""
+        z, skips = self.encode_with_skips(x)
+        z0 = self.denoise_latent(z)
+        return z0, self.decode(z0, clamp=False, skips=skips)
+
+    def add_skip_fusion(self, levels: list[int]) -> None:
+        """Give a finished restorer fresh (zero: output unchanged) skip fusion at these up blocks."""
+        if self.skip_fusion is not None:
+            raise ValueError(f"the model has skip fusion already (levels {self.config.skip_levels})")
+        self.config.skip_levels = list(levels)
+        self.config.validate()
+        self.skip_fusion = SkipFusion(self.config.vae, levels).to(device=self.device, dtype=self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Restore Bx3xHxW images in [-1, 1]; sides are reflect-padded to `size_multiple` and cropped back.
@@ -267,7 +306,8 @@ class OneStepRestorer(nn.Module):
             raise ValueError(f"expected Bx3xHxW input, got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         x = self._pad(x)
-        out = self.decode(restore_latent(self, self.encode(x), self.config.sampling_steps))
+        z, skips = self.encode_with_skips(x)
+        out = self.decode(restore_latent(self, z, self.config.sampling_steps), skips=skips)
         return out[..., :h, :w]
 
     def _pad(self, x: Tensor) -> Tensor:
@@ -304,6 +344,8 @@ class OneStepRestorer(nn.Module):
         self.scheduler.save_config(out / "scheduler")
         prompt = self.prompt_embeds.detach().to(dtype or self.prompt_embeds.dtype).cpu().contiguous()
         save_file({"prompt_embeds": prompt}, str(out / PROMPT_FILE))
+        if self.skip_fusion is not None:
+            save_file(_cast_state(self.skip_fusion.state_dict(), dtype), str(out / SKIP_FILE))
         return out
 
     @classmethod
@@ -328,6 +370,9 @@ class OneStepRestorer(nn.Module):
         vae, unet, scheduler = load_diffusers_parts(root, torch_dtype)
         prompt = load_file(str(root / PROMPT_FILE))["prompt_embeds"].float()
         model = cls(config, vae, unet, scheduler, prompt)
+        if model.skip_fusion is not None:
+            _check_folder(root / SKIP_FILE, "skip fusion weights of restorer folder")
+            model.skip_fusion.load_state_dict({k: v.float() for k, v in load_file(str(root / SKIP_FILE)).items()})
         return model.to(device=device, dtype=torch_dtype or vae.dtype).eval()
 
     # ------------------------------------------------------------------ LoRA

@@ -162,9 +162,8 @@ def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[One
     model = OneStepRestorer.from_pretrained(cfg.model, torch_dtype=torch.float32).train()
     if cfg.face_size % model.size_multiple:
         raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
-    if cfg.sampling_steps > model.config.timestep + 1:
-        raise ValueError(f"{cfg.sampling_steps} sampling steps do not fit below the model's timestep {model.config.timestep}")
     model.config.sampling_steps = cfg.sampling_steps
+    model.config.validate()  # the steps must fit below the model's timestep
     frm = load_frm(cfg.frm, device).eval().requires_grad_(False) if cfg.rewards.frm else None
     reward = CompositeReward(cfg.rewards, frm, model.vae.encoder, cfg.quality_metric, cfg.fidelity_metric, cfg.wavelet_levels)
     model.add_lora(rank_unet=cfg.lora_rank, rank_vae=0, alpha=cfg.lora_alpha)
@@ -274,9 +273,11 @@ def train_lrpo(
 @torch.no_grad()
 def rollout(model: OneStepRestorer, reward: CompositeReward, cfg: LrpoConfig, lq: torch.Tensor, hq: torch.Tensor, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list[Transition], list]:
     """Group sampling and scoring for one batch (images in [0, 1]), plus the likelihood term's states."""
-    z_start = model.encode(lq * 2 - 1).float().repeat_interleave(cfg.group_size, 0)
+    z_lq, skips = model.encode_with_skips(lq * 2 - 1)
+    z_start = z_lq.float().repeat_interleave(cfg.group_size, 0)
+    skips = [s.repeat_interleave(cfg.group_size, 0) for s in skips] if skips is not None else None
     z0, path = sample_trajectories(model, z_start, cfg.sampling_steps, cfg.eta, cfg.final_std, gen)
-    restored = (model.decode(z0).float() + 1) / 2
+    restored = (model.decode(z0, skips=skips).float() + 1) / 2
     scores = reward(restored, hq.repeat_interleave(cfg.group_size, 0))
     likelihood_states = []
     if cfg.likelihood_weight > 0:

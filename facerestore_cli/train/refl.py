@@ -100,8 +100,7 @@ class ReflObjective(torch.nn.Module):
     def forward(self, lq: torch.Tensor, hq: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Images in [-1, 1]. Returns (terms with 'total' and the mean 'frm_score', restored in [0, 1] detached)."""
         model, w = self.model, self.weights
-        z = model.denoise_latent(model.encode(lq))
-        restored = model.decode(z, clamp=False)  # decoder frozen, gradients flow through it
+        z, restored = model.restore_one_step(lq)  # decoder frozen, gradients flow through it
         image01 = (restored.float().clamp(-1, 1) + 1) / 2  # the FRM judges valid images only
         score = self.frm[0](image01)
         terms: dict[str, torch.Tensor] = {"reward": (1 - score).mean()}

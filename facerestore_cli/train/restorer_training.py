@@ -9,6 +9,10 @@
    weights, or LoRA with `lora_rank`); the decoder stays frozen (`freeze`), as in OSEDiff. Losses:
    pixel L1 + edges, a perceptual term, and VSD against the frozen prior (`losses.vsd`), whose
    fake-score network is trained alongside on the generator's outputs.
+4. Optionally, `skip_levels` on a finished restorer (`model` = its folder) adds skip fusion
+   (models.skips: the input's encoder features offered to the decoder); with the encoder and
+   UNet frozen, the decoder and the fusion learn to use them, so identity is kept beyond what
+   the latent alone carries (configs/train_tiny_skips.toml).
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class RestorerTrainConfig(RunConfig):
     timestep: int | None = None
     #: > 0: train LoRA adapters of this rank on the UNet and VAE encoder (merged at the end) instead of full weights.
     lora_rank: int = 0
+    #: restorer stage: add skip fusion at these decoder up blocks (models.skips) if the model has none.
+    skip_levels: list[int] = field(default_factory=list)
     #: VSD: timesteps the generated latent is noised to, and the fake-score network's learning rate.
     vsd_t_range: list[int] = field(default_factory=lambda: [20, 980])
     fake_score_lr: float = 1e-4
@@ -92,8 +98,8 @@ class RestorerTrainConfig(RunConfig):
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.timestep is not None):
-            raise ValueError("lora_rank, timestep and the perceptual/vsd losses belong to the restorer stage")
+        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.timestep is not None or self.skip_levels):
+            raise ValueError("lora_rank, timestep, skip_levels and the perceptual/vsd losses belong to the restorer stage")
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -132,8 +138,7 @@ class StageObjective(torch.nn.Module):
 
     def _restorer_terms(self, lq, hq, fake_x0, t_range) -> dict[str, torch.Tensor]:
         """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
-        z = self.model.denoise_latent(self.model.encode(lq))
-        restored = self.model.decode(z, clamp=False)
+        z, restored = self.model.restore_one_step(lq)
         l1, edge = l1_and_edges(restored, hq)
         terms = {"restore_l1": l1, "restore_edge": edge}
         if self.perceptual is not None:
@@ -218,6 +223,10 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
     objective = StageObjective(model, cfg.stage, cfg.losses)
     if ckpt is not None and not cfg.lora_rank:
         model = objective.model = load_model_for_training(str(ckpt / "model")).train()
+    if cfg.skip_levels and model.skip_fusion is None:
+        model.add_skip_fusion(cfg.skip_levels)
+    elif cfg.skip_levels and sorted(cfg.skip_levels) != sorted(model.config.skip_levels):
+        raise ValueError(f"skip_levels {cfg.skip_levels}: the model has skip fusion at {model.config.skip_levels} already")
     freeze_modules(model, cfg.freeze)
     if cfg.lora_rank:
         model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank)

@@ -1,0 +1,143 @@
+"""From aligned faces to finished frames, two ways: with numpy on the CPU or with tensors on the model's device.
+
+`FaceRestorer.restore_frames` detects and aligns the faces of a chunk of frames (one
+image -> crop affine per face) and hands the chunk to one of the frame paths here:
+
+- numpy: OpenCV warps the crops and pastes the restorations back (`faces.align`); crops go to
+  the model's device a batch at a time and come back.
+- tensor: the chunk goes to the model's device once as uint8; crops are warped, restored and
+  pasted back there (`faces.tensor_align`, with the --upscale resize), and only the finished
+  frames come back. On a GPU this saves the CPU warps and the host round trips of every face,
+  which take most of the time once the model itself is fast.
+
+Both give the same frames within a grey level or two (tests/test_frames.py); `auto` picks the
+tensor path on CUDA and the numpy one elsewhere, where OpenCV is the faster of the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .faces.align import paste_faces, scale_affine, warp_faces
+from .faces.tensor_align import paste_faces_tensor, resize_tensor, warp_faces_tensor
+from .media import resize_image, scaled_size
+
+FRAME_PATHS = ("auto", "tensor", "numpy")
+
+
+def resolve_frame_path(choice: str, device: torch.device) -> str:
+    """`tensor` or `numpy` for a `--frame-path` choice; `auto` is tensor on CUDA, numpy elsewhere."""
+    if choice not in FRAME_PATHS:
+        raise ValueError(f"frame path must be one of {', '.join(FRAME_PATHS)}, not {choice!r}")
+    if choice == "auto":
+        return "tensor" if torch.device(device).type == "cuda" else "numpy"
+    return choice
+
+
+@dataclass
+class FrameResult:
+    """One restored frame and its faces (aligned inputs and restorations, for --save-faces)."""
+
+    image: np.ndarray
+    crops: list[np.ndarray]
+    restored: list[np.ndarray]
+    found: int
+
+
+@dataclass
+class AlignedFaces:
+    """The faces of one frame to restore (their image -> crop affines) and how many were found
+    (more than restored with --only-center-face)."""
+
+    affines: list[np.ndarray]
+    found: int
+
+
+def restore_frames_numpy(
+    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float, face_size: int,
+    restore: Callable[[list[np.ndarray]], list[np.ndarray]],
+) -> list[FrameResult]:  # fmt: skip
+    """Warp with OpenCV, restore every crop of the chunk in `restore`'s batches, paste back."""
+    crops = [warp_faces(frame, a.affines, face_size) for frame, a in zip(frames, aligned)]
+    restored = iter(restore([c for frame_crops in crops for c in frame_crops]))
+    results = []
+    for frame, a, frame_crops in zip(frames, aligned, crops):
+        faces = [next(restored) for _ in frame_crops]
+        background = frame if upscale == 1 else resize_image(frame, scale=upscale)
+        image = paste_faces(background, faces, [scale_affine(m, upscale) for m in a.affines]) if faces else background
+        results.append(FrameResult(image, frame_crops, faces, a.found))
+    return results
+
+
+@torch.inference_mode()
+def restore_frames_tensor(
+    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float, face_size: int,
+    restore: Callable[[Tensor], Tensor], device: torch.device,
+) -> list[FrameResult]:  # fmt: skip
+    """The same on `device`: `restore` takes and returns uint8 Nx3xSxS tensors there.
+
+    A frame with nothing to do (no face, no upscale) is returned as it came, without a trip
+    to the device. The crops and restorations come back too, in one copy each (--save-faces).
+    """
+    if upscale == 1 and not any(a.affines for a in aligned):
+        return [FrameResult(frame, [], [], a.found) for frame, a in zip(frames, aligned)]
+    images = _upload(frames, device)
+    crops = [_warp(image, a.affines, face_size) for image, a in zip(images, aligned)]
+    counts = [len(c) for c in crops]
+    restored = restore(torch.cat(crops))
+    finished = [_finish(image, faces, a.affines, upscale) for image, faces, a in zip(images, restored.split(counts), aligned)]
+    done = iter(_download([f for f in finished if f is not None]))
+    crops_out, restored_out = _split(_hwc(torch.cat(crops)), counts), _split(_hwc(restored), counts)
+    return [FrameResult(frame if f is None else next(done), c, r, a.found)
+            for frame, f, c, r, a in zip(frames, finished, crops_out, restored_out, aligned)]  # fmt: skip
+
+
+def _warp(image: Tensor, affines: list[np.ndarray], face_size: int) -> Tensor:
+    """uint8 Nx3xSxS crops of a uint8 3xHxW image: whole grey levels, as the numpy path's crops."""
+    return warp_faces_tensor(image, affines, face_size).round().clamp(0, 255).to(torch.uint8)
+
+
+def _finish(image: Tensor, faces: Tensor, affines: list[np.ndarray], upscale: float) -> Tensor | None:
+    """The finished uint8 3xHxW frame: background (upscaled) with the faces pasted; None if unchanged."""
+    if upscale == 1 and not len(faces):
+        return None
+    background = image.float()
+    if upscale != 1:
+        size = scaled_size(image.shape[-2], image.shape[-1], upscale)
+        background = resize_tensor(background, *size).round().clamp(0, 255)
+    if len(faces):
+        background = paste_faces_tensor(background, faces, [scale_affine(m, upscale) for m in affines])
+    return background.to(torch.uint8)
+
+
+def _upload(frames: Sequence[np.ndarray], device: torch.device) -> list[Tensor]:
+    """uint8 3xHxW tensors on `device`; frames of one size (a video chunk) go in one copy."""
+    if len({f.shape for f in frames}) == 1:
+        return list(torch.from_numpy(np.stack(frames)).to(device).permute(0, 3, 1, 2))
+    return [torch.from_numpy(np.stack([f])).to(device).permute(0, 3, 1, 2)[0] for f in frames]
+
+
+def _hwc(batch: Tensor) -> list[np.ndarray]:
+    """uint8 HxWx3 arrays of a uint8 Nx3xHxW tensor, in one copy (transposed on the device first)."""
+    return list(batch.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+
+
+def _download(images: list[Tensor]) -> list[np.ndarray]:
+    """uint8 HxWx3 arrays of uint8 3xHxW tensors; one copy when they share a size (a video chunk)."""
+    if len({tuple(i.shape) for i in images}) == 1:
+        return _hwc(torch.stack(images))
+    return [_hwc(i[None])[0] for i in images]
+
+
+def _split(items: list[np.ndarray], counts: list[int]) -> list[list[np.ndarray]]:
+    """`items` cut into consecutive lists of `counts` items."""
+    out, start = [], 0
+    for n in counts:
+        out.append(items[start : start + n])
+        start += n
+    return out
