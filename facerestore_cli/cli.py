@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -68,21 +69,18 @@ class RichReporter:
 
 
 def print_summary(summary) -> None:
-    table = Table(title="facerestore summary", show_header=False)
-    rows = [
-        ("files", summary.files),
-        ("images / videos (frames)", f"{summary.images} / {summary.videos} ({summary.frames})"),
-        ("faces found", summary.faces_found),
-        ("faces restored", summary.faces_restored),
-        ("files without faces", summary.files_without_faces),
-        ("skipped (existing)", summary.skipped),
-        ("failures", len(summary.failures)),
-        ("time", f"{summary.seconds:.1f} s"),
-        ("faces per second", f"{summary.faces_per_s:.2f}"),
-    ]
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
+    """The end-of-run table of `restore`."""
+    print_run_summary("facerestore summary", {
+        "files": summary.files,
+        "images / videos (frames)": f"{summary.images} / {summary.videos} ({summary.frames})",
+        "faces found": summary.faces_found,
+        "faces restored": summary.faces_restored,
+        "files without faces": summary.files_without_faces,
+        "skipped (existing)": summary.skipped,
+        "failures": len(summary.failures),
+        "time": f"{summary.seconds:.1f} s",
+        "faces per second": f"{summary.faces_per_s:.2f}",
+    })  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,7 +124,7 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
       torchrun --nproc_per_node 4 -m facerestore_cli.cli restore frames/ -o restored/ --skip-existing
     """
     from .faces.detector import DetectorUnavailable
-    from .pipeline import ErrorsOnlyReporter, RestoreOptions, Shard, build_engine, gather_summary, join_shards, leave_shards, run_restore
+    from .pipeline import ErrorsOnlyReporter, RestoreOptions, Shard, build_engine, join_shards, restore_shard
 
     try:
         shard = Shard.from_env()
@@ -143,14 +141,9 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
     if backend != "torch" and lead:
         console.print(f"backend: {engine.model.describe()}", highlight=False, soft_wrap=True, markup=False)
     opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing)
-    if lead:
-        with _progress() as progress:
-            summary = run_restore(inputs, engine, opts, RichReporter(progress), shard)
-    else:
-        show = lambda m: console.print(f"[red]error:[/red] (rank {shard.rank}) {escape(m)}", highlight=False, soft_wrap=True)  # noqa: E731
-        summary = run_restore(inputs, engine, opts, ErrorsOnlyReporter(show), shard)
-    summary = gather_summary(summary, shard)
-    leave_shards()
+    show = lambda m: console.print(f"[red]error:[/red] {who}{escape(m)}", highlight=False, soft_wrap=True)  # noqa: E731
+    with _progress() if lead else contextlib.nullcontext() as progress:
+        summary = restore_shard(inputs, engine, opts, RichReporter(progress) if lead else ErrorsOnlyReporter(show), shard)
     if lead:
         print_summary(summary)
     if not summary.ok:
@@ -177,10 +170,7 @@ def prepare_data(sources, outdir, face_size, min_eye_distance, min_sharpness, de
     with _progress() as progress:
         task = progress.add_task("aligning", total=total)
         stats = prepare_faces(sources, outdir, detector, face_size, min_eye_distance, min_sharpness, on_file=lambda _: progress.advance(task))
-    table = Table(title="prepare-data summary", show_header=False)
-    for k, v in vars(stats).items():
-        table.add_row(k.replace("_", " "), str(v))
-    console.print(table)
+    print_run_summary("prepare-data summary", vars(stats))
     if stats.kept == 0:
         fail(f"no usable faces found in {', '.join(map(str, sources))}")
 

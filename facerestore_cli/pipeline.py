@@ -418,6 +418,14 @@ def run_restore(
     return summary
 
 
+def restore_shard(specs: Sequence[str], engine: FaceRestorer, opts: RestoreOptions, reporter: Reporter, shard: Shard) -> Summary:
+    """`run_restore` of this process's shard, then the whole run's summary (gathered from every
+    rank under torchrun, so all exit with the same code) and the process group left."""
+    summary = gather_summary(run_restore(specs, engine, opts, reporter, shard), shard)
+    leave_shards()
+    return summary
+
+
 def build_engine(
     model: str | Path | None = None,
     lora: Path | None = None,
