@@ -60,12 +60,12 @@ def tiny_model_config(**changes):
     `changes` are `with_overrides` fields (face_size, name, timestep, ...)."""
     from facerestore_cli.models import configs
 
-    return configs.get_config("tiny").with_overrides(
+    small = configs.get_config("tiny").with_overrides(
         vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
         unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
               "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-        **changes,
     )  # fmt: skip
+    return small.with_overrides(**changes) if changes else small  # vae/unet changes merge key by key
 
 
 def tiny_restorer(face_size: int = 64, seed: int = 0):
