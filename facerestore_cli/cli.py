@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .commands.common import load_run_config, print_run_summary, run_device, run_options, secondary_process
+from .commands.common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device, secondary_process
 from .frames import FRAME_PATHS
 from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
 
@@ -176,9 +176,7 @@ def prepare_data(sources, outdir, face_size, min_eye_distance, min_sharpness, de
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Training config (TOML or JSON), e.g. configs/train_tiny.toml.")
-@run_options("Run folder: checkpoints, log.jsonl, final model.")
-@click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+@config_and_data_options("Training config (TOML or JSON), e.g. configs/train_tiny.toml.", "Run folder: checkpoints, log.jsonl, final model.")
 def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Train the one-step restorer on prepared crops with on-the-fly degradations."""
     from .train.restorer_training import RestorerTrainConfig, train_restorer
@@ -196,10 +194,7 @@ def train(config_path, run_dir, data, steps, device, resume, max_minutes) -> Non
 
         result = train_restorer(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
     print_run_summary("train summary", result)
-    if result["finished"]:
-        console.print(f"final model: {run_dir / 'final'} (use it with `facerestore restore --model`)")
-    else:
-        console.print(f"stopped at step {result['step']}; run the same command again to resume")
+    print_run_end(result["finished"], result["step"], [f"final model: {run_dir / 'final'} (use it with `facerestore restore --model`)"])
 
 
 # ------------------------------------------------------------------ test sets and evaluation

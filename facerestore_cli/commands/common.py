@@ -37,6 +37,21 @@ def run_options(out_help: str) -> Callable:
     return decorate
 
 
+def config_and_data_options(config_help: str, out_help: str) -> Callable:
+    """--config FILE, the run options and --data FOLDER...: the command line of every run
+    command that trains on prepared crops (`train`, `refl`, `lrpo`)."""
+    config = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help=config_help)
+    data = click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+    return lambda f: config(run_options(out_help)(data(f)))
+
+
+def print_run_end(finished: bool, step: int, done: Sequence[str]) -> None:
+    """After a run's summary: where its results are (`done` lines), or how to resume it."""
+    console = cli_module().console
+    for line in done if finished else [f"stopped at step {step}; run the same command again to resume"]:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def secondary_process() -> bool:
     """True in the processes of `torchrun` / `accelerate launch` other than the first: they train
     their shard silently, and only the first prints progress and the summary."""

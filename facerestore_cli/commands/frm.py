@@ -11,19 +11,12 @@ from pathlib import Path
 import click
 
 from .common import cli_module as _cli
-from .common import load_run_config, run_device, run_options
+from .common import load_run_config, print_run_end, print_run_summary, run_device, run_options
 from rich.table import Table
 
 
 def _error_line(message: str) -> None:
     _cli().console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-
-
-def _table(title: str, rows: dict) -> Table:
-    table = Table(title=title, show_header=False)
-    for k, v in rows.items():
-        table.add_row(str(k).replace("_", " "), str(v))
-    return table
 
 
 def _floats(value: str) -> list[float]:
@@ -79,7 +72,7 @@ def frm_pairs(src, outdir, config_path, levels, size, work_size, restore_limit, 
     for name in summary.unreadable:
         _error_line(f"{Path(src) / name}: unreadable image, skipped")
     rows = {"faces": summary.faces, "restored": summary.restored, "pairs": summary.pairs, "candidates": summary.candidates, "time": f"{summary.seconds:.1f} s"}
-    cli.console.print(_table("frm-pairs summary", rows))
+    print_run_summary("frm-pairs summary", rows)
     cli.console.print(f"pairs: {outdir / 'pairs.jsonl'}; unlabelled candidates: {outdir / 'candidates.jsonl'}")
     if summary.unreadable:
         sys.exit(1)
@@ -134,11 +127,8 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
     if result.val is not None:
         rows["validation accuracy"] = f"{result.val.accuracy:.4f}"
         rows.update({f"  {k}": f"{acc:.4f} ({n})" for k, (acc, n) in result.val.by_kind.items()})
-    cli.console.print(_table("train-frm summary", rows))
-    if result.finished:
-        cli.console.print(f"final model: {run_dir / 'final'} (use it with `facerestore score --model`)")
-    else:
-        cli.console.print(f"stopped at step {result.step}; run the same command again to resume")
+    print_run_summary("train-frm summary", rows)
+    print_run_end(result.finished, result.step, [f"final model: {run_dir / 'final'} (use it with `facerestore score --model`)"])
     if result.row_errors or result.unreadable:
         sys.exit(1)
 
@@ -303,7 +293,7 @@ def frm_import(label_files, out, root, min_rating_gap, max_rating_pairs) -> None
     cli = _cli()
     pairs, errors = _load_labels(label_files, True, root=root, min_rating_gap=min_rating_gap, max_rating_pairs=max_rating_pairs)
     write_pairs(out, pairs)
-    cli.console.print(_table("frm-import summary", {"files": len(label_files), "pairs": len(pairs), "bad rows": len(errors), **summarize(pairs)}))
+    print_run_summary("frm-import summary", {"files": len(label_files), "pairs": len(pairs), "bad rows": len(errors), **summarize(pairs)})
     cli.console.print(f"pairs: {out}")
     if not pairs:
         cli.fail("no usable labels")
@@ -357,7 +347,7 @@ def frm_annotate(human_files, candidate_files, out, kernel, c, gamma, scaling, m
         f"agreement when confident (>= {min_confidence:g})": f"{report.holdout_confident_agreement:.3f} on {report.holdout_confident_share:.0%} of held-out pairs",
         "candidates": report.candidates, "labelled (kept)": report.labelled, "dropped (not confident)": report.dropped_low_confidence,
     }  # fmt: skip
-    cli.console.print(_table("frm-annotate summary", rows))
+    print_run_summary("frm-annotate summary", rows)
     cli.console.print(f"SVM-labelled pairs: {out}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,18 +3,14 @@ Option parsing and printing only; the work is in `facerestore_cli.train.lrpo`.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .common import cli_module as _cli
-from .common import load_run_config, print_run_summary, run_device, run_options, secondary_process
+from .common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device, secondary_process
 
 
 @click.command("lrpo")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.")
-@run_options("Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.")
-@click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+@config_and_data_options("LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.", "Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.")
 def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, composite reward,
     PPO with noise-level advantages, and a ground-truth likelihood term.
@@ -49,8 +45,6 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
             progress.stop()
             cli.fail(str(err))
     print_run_summary("lrpo summary", result)
-    if result["finished"]:
-        mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
-        cli.console.print(f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}", highlight=False, soft_wrap=True)
-    else:
-        cli.console.print(f"stopped at step {result['step']}; run the same command again to resume")
+    mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
+    done = [f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
+    print_run_end(result["finished"], result["step"], done)

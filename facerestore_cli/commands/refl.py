@@ -3,17 +3,14 @@ Option parsing and printing only; the work is in `facerestore_cli.train.refl`.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
+
 from .common import cli_module as _cli
-from .common import load_run_config, print_run_summary, run_device, run_options
+from .common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device
 
 
 @click.command("refl")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.")
-@run_options("Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
-@click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+@config_and_data_options("ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.", "Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
 def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
 
@@ -43,9 +40,7 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
             progress.stop()
             cli.fail(str(err))
     print_run_summary("refl summary", result)
-    if result["finished"]:
-        cli.console.print(f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}", highlight=False, soft_wrap=True)
-        if result["frm"] == "dynamic":
-            cli.console.print(f"updated FRM: {run_dir / 'frm_final'}", highlight=False)
-    else:
-        cli.console.print(f"stopped at step {result['step']}; run the same command again to resume")
+    done = [f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
+    if result["frm"] == "dynamic":
+        done.append(f"updated FRM: {run_dir / 'frm_final'}")
+    print_run_end(result["finished"], result["step"], done)
