@@ -59,12 +59,13 @@ def test_tensor_frame_path_gives_the_numpy_frames(upscale: float) -> None:
     detector, model = two_faces(), NegativeModel(FACE)
     numpy_path = FaceRestorer(model, detector, batch_size=3, color_fix="none", frame_path="numpy")
     tensor_path = FaceRestorer(model, detector, batch_size=3, color_fix="none", frame_path="tensor")
-    want, got = numpy_path.restore_frames(frames(), upscale), tensor_path.restore_frames(frames(), upscale)
+    want = numpy_path.restore_frames(frames(), upscale, keep_faces=True)
+    got = tensor_path.restore_frames(frames(), upscale, keep_faces=True)
     for frame, a, b in zip(frames(), want, got):
         assert b.image.dtype == np.uint8 and b.image.shape == a.image.shape == (192 * upscale, 176 * upscale, 3)
         diff = np.abs(a.image.astype(int) - b.image)
         assert diff.max() <= 2 and diff.mean() < 0.25, f"max {diff.max()}, mean {diff.mean():.3f}"
-        assert b.found == 2 and len(b.crops) == len(b.restored) == 2
+        assert b.found == b.count == 2 and len(b.crops) == len(b.restored) == 2
         for crop_a, crop_b in zip(a.crops, b.crops):
             assert np.abs(crop_a.astype(int) - crop_b).max() <= 1
         near = face_regions(b.image.shape, detector, upscale)
@@ -79,17 +80,27 @@ def test_tensor_frame_path_restores_its_crops_with_the_model() -> None:
     `restore_crops` makes of those crops."""
     model = tiny_restorer(FACE)
     engine = FaceRestorer(model, two_faces(), batch_size=3, frame_path="tensor")
-    results = engine.restore_frames(frames())
+    results = engine.restore_frames(frames(), keep_faces=True)
     crops, restored = [c for r in results for c in r.crops], [f for r in results for f in r.restored]
     want = restore_crops(model, crops, batch_size=3)  # the same batches: the chunk's 4 faces as 3 + 1
     assert len(want) == len(restored) == 4 and all(np.array_equal(a, b) for a, b in zip(want, restored))
+
+
+def test_tensor_frame_path_keeps_faces_on_the_device_unless_asked() -> None:
+    """Without --save-faces only the finished frames come back to the host: the same frames,
+    the faces counted, no crops."""
+    engine = FaceRestorer(NegativeModel(FACE), two_faces(), batch_size=3, color_fix="none", frame_path="tensor")
+    lean, full = engine.restore_frames(frames()), engine.restore_frames(frames(), keep_faces=True)
+    for a, b in zip(lean, full):
+        assert a.count == b.count == 2 and a.crops == a.restored == [] and len(b.crops) == 2
+        assert np.array_equal(a.image, b.image)
 
 
 def test_tensor_frame_path_without_faces() -> None:
     engine = FaceRestorer(NegativeModel(FACE), FixedFaces([]), frame_path="tensor")
     frame = frames()[0]
     same = engine.restore_frames([frame])[0]
-    assert same.image is frame and same.found == 0 and same.crops == []
+    assert same.image is frame and same.found == same.count == 0 and same.crops == []
     upscaled = engine.restore_frames([frame], 1.5)[0].image
     assert np.abs(upscaled.astype(int) - resize_image(frame, scale=1.5)).max() <= 1
 
