@@ -67,7 +67,7 @@ def save_fused_model(path: Path) -> Path:
     """A model with skip fusion whose weights are not zero, so the graph must really carry it."""
     torch.manual_seed(3)
     model = OneStepRestorer.from_config(small_config())
-    model.add_skip_fusion([1, 2, 3])
+    model.add_skip_fusion([1, 2, 3, 4])
     with torch.no_grad():
         for p in model.skip_fusion.parameters():
             p.normal_(0, 0.05)

@@ -93,6 +93,14 @@ def test_fp32_model_is_not_wrapped(model_dir: Path) -> None:
     assert isinstance(fast_torch_model(load(model_dir, torch.bfloat16)), PrecisionGuard)
 
 
+def test_cpu_model_in_channels_last_restores_the_same_faces(model_dir: Path) -> None:
+    """The CPU speed-up (channels_last weights) must not change what the user gets."""
+    fast = fast_torch_model(load(model_dir))
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got, want = restore_crops(fast, crops(2), batch_size=2), restore_crops(load(model_dir), crops(2), batch_size=2)
+    assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(got, want))
+
+
 def test_decoder_overflow_is_redone_with_fp32_decoder(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     low = load(model_dir, torch.bfloat16)
     unpatched = copy.deepcopy(low)
@@ -114,7 +122,7 @@ def test_decoder_overflow_is_redone_with_fp32_decoder(model_dir: Path, monkeypat
 
 def test_fp32_decoder_fallback_takes_the_skip_fusion_along(model_dir: Path) -> None:
     low = load(model_dir, torch.bfloat16)
-    low.add_skip_fusion([1, 2, 3])
+    low.add_skip_fusion([1, 2, 3, 4])
     with torch.no_grad():
         for p in low.skip_fusion.parameters():
             p.normal_(0, 0.05)
@@ -149,6 +157,30 @@ def test_compile_eager_backend_gives_the_eager_output(model_dir: Path) -> None:
     with torch.inference_mode():
         assert torch.allclose(compiled(x), eager(x), atol=1e-5)
     assert compiled.compiled
+
+
+def test_compile_covers_the_blocks_of_a_fused_model(model_dir: Path) -> None:
+    """With skip fusion the VAE halves run block by block, so --compile must reach the blocks
+    and the fusion (compiling `vae.decoder` as a whole would leave them eager): every block
+    is traced, and the output is the eager one."""
+    fused = load(model_dir)
+    fused.add_skip_fusion([1, 2, 3, 4])
+    with torch.no_grad():
+        for p in fused.skip_fusion.parameters():
+            p.normal_(0, 0.05)
+    eager = copy.deepcopy(fused)
+    traced: list[str] = []
+
+    def recording_backend(graph, example_inputs):
+        traced.append(graph.code)
+        return graph.forward
+
+    compiled = CompiledRestorer(fused, backend=recording_backend)
+    x = torch.rand(2, 3, FACE, FACE) * 2 - 1
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), eager(x), atol=1e-5)
+    up_blocks, fuse_blocks = len(fused.vae.decoder.up_blocks), len(fused.skip_fusion.blocks)
+    assert compiled.compiled and len(traced) >= 1 + up_blocks + fuse_blocks, len(traced)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(model_dir: Path) -> None:

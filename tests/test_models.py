@@ -165,7 +165,30 @@ def test_skip_fusion_starts_as_a_no_op_then_feeds_the_input_to_the_decoder(tmp_p
     with pytest.raises(FileNotFoundError, match="skip fusion"):
         OneStepRestorer.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="skip_levels"):
-        make_model().add_skip_fusion([4])
+        make_model().add_skip_fusion([5])  # 4 up blocks: levels 0-3, and 4 for the output gate
+
+
+def test_output_gate_joins_trained_fusion_and_can_hand_back_the_input(tmp_path: Path) -> None:
+    """Adding the gate (level 4) to a fused model keeps its trained fusion and its output; a gate
+    that opens fully returns the input pixels themselves (a face that needs nothing keeps them)."""
+    model = make_model()
+    x = images(2, 32)
+    with torch.no_grad():
+        model.add_skip_fusion([1, 2, 3])
+        randomize_fusion(model)
+        fused = model(x)
+        model.add_skip_fusion([1, 2, 3, 4])
+        assert model.config.skip_levels == [1, 2, 3, 4] and torch.equal(model(x), fused)
+        model.skip_fusion.blocks["4"].body[-1].bias.fill_(20.0)  # tanh -> 1: out = input
+        assert torch.allclose(model(x), x, atol=1e-5)
+        model.skip_fusion.blocks["4"].body[-1].bias.fill_(0.0)
+        randomize_fusion(model, seed=3)
+        gated = model(x)
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(OneStepRestorer.from_pretrained(tmp_path / "m")(x), gated)
+    with pytest.raises(ValueError, match="cannot be removed"):
+        model.add_skip_fusion([1, 2])
 
 
 # ------------------------------------------------------------------------------------ LoRA

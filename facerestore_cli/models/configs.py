@@ -33,8 +33,9 @@ class RestorerConfig:
     #: UNet calls per restoration: 1 is the one-step restorer; more walks a deterministic DDIM path
     #: from `timestep` to the clean latent (models.sampler), the mode LRPO can tune.
     sampling_steps: int = 1
-    #: Decoder up blocks that also read the input's encoder features of their resolution
-    #: (models.skips); empty for the plain OSEDiff form and for upstream checkpoints.
+    #: Decoder up blocks that also read the input's encoder features of their resolution, and
+    #: len(up blocks) for the output gate (models.skips); empty for the plain OSEDiff form and
+    #: for upstream checkpoints.
     skip_levels: list[int] = field(default_factory=list)
     prompt_tokens: int = 4
     lora_rank_unet: int = 4
@@ -112,8 +113,11 @@ class RestorerConfig:
         if not 1 <= self.sampling_steps <= self.timestep + 1:
             raise ValueError(f"config {self.name!r}: sampling_steps must be between 1 and timestep + 1 ({self.timestep + 1})")
         levels = len(self.vae.get("block_out_channels", (64,)))
-        if any(not 0 <= lv < levels for lv in self.skip_levels) or len(set(self.skip_levels)) != len(self.skip_levels):
-            raise ValueError(f"config {self.name!r}: skip_levels must be distinct decoder up-block indices in 0..{levels - 1}, not {self.skip_levels}")
+        if any(not 0 <= lv <= levels for lv in self.skip_levels) or len(set(self.skip_levels)) != len(self.skip_levels):
+            raise ValueError(
+                f"config {self.name!r}: skip_levels must be distinct decoder up-block indices in 0..{levels - 1}"
+                f" (or {levels}: the output gate), not {self.skip_levels}"
+            )
         self._check_groups("vae", self.vae, int(self.vae.get("norm_num_groups", 32)))
         self._check_groups("unet", self.unet, int(self.unet.get("norm_num_groups", 32)))
 

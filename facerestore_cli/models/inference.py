@@ -85,9 +85,23 @@ def restore_crops(model: RestoreModel, crops: Sequence[np.ndarray], batch_size: 
     return list(restore_crops_tensor(model, batch, batch_size, method).permute(0, 2, 3, 1).cpu().numpy())
 
 
-#: The submodules `--compile` compiles: what OneStepRestorer calls forward() on (the VAE itself
-#: is reached through encode()/decode(), which torch.compile of the VAE module would not cover).
-COMPILED_PARTS = ("unet", "vae.encoder", "vae.decoder")
+def compiled_parts(restorer: OneStepRestorer) -> list[str]:
+    """The submodules `--compile` compiles: what OneStepRestorer calls forward() on.
+
+    The VAE itself is reached through encode()/decode(), which torch.compile of the VAE module
+    would not cover, so its halves are compiled; with skip fusion the halves are run block by
+    block (models.skips), so the blocks and the fusion are compiled instead."""
+    if restorer.skip_fusion is None:
+        return ["unet", "vae.encoder", "vae.decoder"]
+    enc, dec = restorer.vae.encoder, restorer.vae.decoder
+    return [
+        "unet",
+        *(f"vae.encoder.down_blocks.{i}" for i in range(len(enc.down_blocks))),
+        "vae.encoder.mid_block",
+        "vae.decoder.mid_block",
+        *(f"vae.decoder.up_blocks.{i}" for i in range(len(dec.up_blocks))),
+        *(f"skip_fusion.blocks.{k}" for k in restorer.skip_fusion.blocks),
+    ]
 
 
 def _one_line(err: BaseException) -> str:
@@ -142,7 +156,7 @@ class CompiledRestorer(RestorerWrapper):
         self.warn = warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
         if channels_last:
             restorer.to(memory_format=torch.channels_last)
-        self.eager = {p: _swap(restorer, p, torch.compile(restorer.get_submodule(p), backend=backend)) for p in COMPILED_PARTS}
+        self.eager = {p: _swap(restorer, p, torch.compile(restorer.get_submodule(p), backend=backend)) for p in compiled_parts(restorer)}
 
 
     @property

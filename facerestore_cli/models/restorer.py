@@ -290,12 +290,20 @@ class OneStepRestorer(nn.Module):
         return z0, self.decode(z0, clamp=False, skips=skips)
 
     def add_skip_fusion(self, levels: list[int]) -> None:
-        """Give a finished restorer fresh (zero: output unchanged) skip fusion at these up blocks."""
-        if self.skip_fusion is not None:
-            raise ValueError(f"the model has skip fusion already (levels {self.config.skip_levels})")
-        self.config.skip_levels = list(levels)
+        """Give a finished restorer fresh (zero: output unchanged) skip fusion at these levels;
+        a model with fusion already gets the levels it lacks, trained ones are kept."""
+        have = list(self.config.skip_levels)
+        if set(have) - set(levels):
+            raise ValueError(f"skip_levels {sorted(levels)}: the model has skip fusion at {have}, which cannot be removed")
+        new = [lv for lv in levels if lv not in have]
+        if not new:
+            return
+        self.config.skip_levels = have + new
         self.config.validate()
-        self.skip_fusion = SkipFusion(self.config.vae, levels).to(device=self.device, dtype=self.dtype)
+        fresh = SkipFusion(self.config.vae, self.config.skip_levels).to(device=self.device, dtype=self.dtype)
+        if self.skip_fusion is not None:
+            fresh.load_state_dict(self.skip_fusion.state_dict(), strict=False)
+        self.skip_fusion = fresh
 
     def forward(self, x: Tensor) -> Tensor:
         """Restore Bx3xHxW images in [-1, 1]; sides are reflect-padded to `size_multiple` and cropped back.

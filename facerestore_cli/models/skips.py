@@ -11,6 +11,12 @@ decoder's own activation go through a small conv whose zero-initialised output i
 to the decoder's activation. Zero init means a model with fresh fusion restores exactly as
 before, so it is trained on top of a finished restorer (decoder + fusion, encoder and UNet frozen).
 
+Level `len(up blocks)` (4 for the tiny VAE) is the output gate: a per-pixel weight g in [-1, 1],
+from the decoder's last activation and the encoder's first, moves the decoded image towards the
+input, `out = decoded + g * (input - decoded)`. Features pass through the decoder's norms and
+convs only approximately; the gate lets a face that needs little restoration keep its own
+pixels exactly, which is where the latent path lost identity (benchmarks/RESULTS.md).
+
 The encoder and decoder are run block by block here (the same calls as diffusers' `Encoder`
 and `Decoder` forward) so the activations can be taken and given back.
 """
@@ -23,7 +29,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
-#: Encoder activations by scale: entry k is at 1/2**k of the image size (k = 0: after conv_in).
+#: Encoder activations by scale: entry k is at 1/2**k of the image size (k = 0: after conv_in);
+#: the last entry is the input image itself (for the output gate).
 Skips = list[Tensor]
 
 
@@ -58,8 +65,33 @@ class FuseBlock(nn.Module):
         return dec + self.body(torch.cat([enc.to(dec.dtype), dec], 1))
 
 
+class OutputGate(nn.Module):
+    """decoded + g * (input - decoded), g = tanh(local + global term): zero at init.
+
+    The local term is a conv of the decoder's last and the encoder's first activation (where in
+    the face); the global one reads the mean and spread of the encoder's deepest activation (how
+    degraded the whole face is), so a clean face and a ruined one can get different gates even
+    where their pixels look alike."""
+
+    def __init__(self, ch: int, deep_ch: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(groups, 2 * ch), nn.Conv2d(2 * ch, ch, 1), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+        self.context = nn.Sequential(nn.Linear(2 * deep_ch, 32), nn.SiLU(), nn.Linear(32, 1))
+        for last in (self.body[-1], self.context[-1]):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, decoded: Tensor, h: Tensor, enc: Tensor, deep: Tensor, image: Tensor) -> Tensor:
+        deep = deep.to(h.dtype).flatten(2)
+        stats = torch.cat([deep.mean(-1), deep.std(-1)], 1)
+        logit = self.body(torch.cat([enc.to(h.dtype), h], 1)) + self.context(stats)[:, :, None, None]
+        g = torch.tanh(logit)
+        return decoded + g.to(decoded.dtype) * (image.to(decoded.dtype) - decoded)
+
+
 class SkipFusion(nn.Module):
-    """One `FuseBlock` per decoder up block in `levels` (keys are the level numbers as strings)."""
+    """One `FuseBlock` per decoder up block in `levels`, and the `OutputGate` if `levels` has
+    the level after the last up block (keys are the level numbers as strings)."""
 
     def __init__(self, vae_config: dict, levels: Sequence[int]) -> None:
         super().__init__()
@@ -68,6 +100,9 @@ class SkipFusion(nn.Module):
         groups = int(vae_config.get("norm_num_groups", 32))
         self.blocks = nn.ModuleDict()
         for lv in levels:
+            if lv == self.num_blocks:
+                self.blocks[str(lv)] = OutputGate(ch[0], ch[-1], groups if (2 * ch[0]) % groups == 0 else 1)
+                continue
             enc_ch = encoder_channels(ch, encoder_scale_for(len(ch), lv))
             dec_ch = decoder_input_channels(ch, lv)
             g = groups if (enc_ch + dec_ch) % groups == 0 else 1
@@ -77,9 +112,14 @@ class SkipFusion(nn.Module):
         block = self.blocks[str(level)] if str(level) in self.blocks else None
         return h if block is None else block(h, skips[encoder_scale_for(self.num_blocks, level)])
 
+    def gate(self, decoded: Tensor, h: Tensor, skips: Skips) -> Tensor:
+        """The decoded image, moved towards the input image by the output gate if there is one."""
+        block = self.blocks[str(self.num_blocks)] if str(self.num_blocks) in self.blocks else None
+        return decoded if block is None else block(decoded, h, skips[0], skips[-2], skips[-1])
+
 
 def encode_moments(vae: AutoencoderKL, x: Tensor) -> tuple[Tensor, Skips]:
-    """The posterior moments of `vae.encode(x)` and the encoder's activations at every scale."""
+    """The posterior moments of `vae.encode(x)`, and the encoder's activations at every scale followed by x."""
     enc = vae.encoder
     h = enc.conv_in(x)
     skips = [h]
@@ -87,15 +127,16 @@ def encode_moments(vae: AutoencoderKL, x: Tensor) -> tuple[Tensor, Skips]:
         h = block(h)
         skips.append(h)
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
+    skips.append(x)
     return (vae.quant_conv(h) if vae.quant_conv is not None else h), skips
 
 
 def decode_fused(vae: AutoencoderKL, z: Tensor, fusion: SkipFusion, skips: Skips) -> Tensor:
-    """`vae.decode(z).sample` with the fusion applied before each chosen up block."""
+    """`vae.decode(z).sample` with the fusion applied before each chosen up block (and the gate after)."""
     dec = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
     h = dec.mid_block(dec.conv_in(z), None)
     for level, block in enumerate(dec.up_blocks):
         h = block(fusion.fuse(level, h, skips), None)
-    return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+    return fusion.gate(dec.conv_out(dec.conv_act(dec.conv_norm_out(h))), h, skips)

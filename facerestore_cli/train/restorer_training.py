@@ -85,7 +85,8 @@ class RestorerTrainConfig(RunConfig):
     timestep: int | None = None
     #: > 0: train LoRA adapters of this rank on the UNet and VAE encoder (merged at the end) instead of full weights.
     lora_rank: int = 0
-    #: restorer stage: add skip fusion at these decoder up blocks (models.skips) if the model has none.
+    #: restorer stage: skip fusion at these decoder up blocks (models.skips; len(up blocks): the
+    #: output gate), added to the model where it lacks them.
     skip_levels: list[int] = field(default_factory=list)
     #: VSD: timesteps the generated latent is noised to, and the fake-score network's learning rate.
     vsd_t_range: list[int] = field(default_factory=lambda: [20, 980])
@@ -223,10 +224,8 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
     objective = StageObjective(model, cfg.stage, cfg.losses)
     if ckpt is not None and not cfg.lora_rank:
         model = objective.model = load_model_for_training(str(ckpt / "model")).train()
-    if cfg.skip_levels and model.skip_fusion is None:
+    if cfg.skip_levels:
         model.add_skip_fusion(cfg.skip_levels)
-    elif cfg.skip_levels and sorted(cfg.skip_levels) != sorted(model.config.skip_levels):
-        raise ValueError(f"skip_levels {cfg.skip_levels}: the model has skip fusion at {model.config.skip_levels} already")
     freeze_modules(model, cfg.freeze)
     if cfg.lora_rank:
         model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank)
