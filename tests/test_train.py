@@ -146,6 +146,19 @@ def test_skip_fusion_stage_trains_decoder_and_fusion_only(prepared: Path, tmp_pa
         RestorerTrainConfig.from_dict({"stage": "prior", "skip_levels": [1]})
 
 
+def test_gate_penalty_trains_the_output_gate_and_needs_one(prepared: Path, tmp_path: Path) -> None:
+    """`losses.gate` is logged and trains a gate added to a finished model; without the gate
+    level it is refused before any step."""
+    assert train_restorer(tiny_run_config(prepared, 1), tmp_path / "base")["finished"]
+    base, frozen = str(tmp_path / "base" / "final"), ["vae.encoder", "vae.quant_conv", "unet", "prompt_embeds"]
+    with pytest.raises(ValueError, match="output gate"):
+        train_restorer(tiny_run_config(prepared, 1, model=base, skip_levels=[1], losses={"gate": 0.1}), tmp_path / "no_gate")
+    gated = train_restorer(tiny_run_config(prepared, 2, model=base, skip_levels=[1, 4], freeze=frozen, losses={"gate": 0.1}), tmp_path / "gate")
+    assert gated["finished"] and gated["last_losses"]["gate"] >= 0
+    end = OneStepRestorer.from_pretrained(tmp_path / "gate" / "final", torch_dtype=torch.float32)
+    assert end.config.skip_levels == [1, 4] and end.skip_fusion.output_gate.body[-1].weight.abs().sum() > 0
+
+
 def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('steps = 3\nlearning_rate = 0.1\n')

@@ -80,12 +80,16 @@ class OutputGate(nn.Module):
         for last in (self.body[-1], self.context[-1]):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        #: the gate of the last training forward, for the training loss's penalty on it (`losses.gate`).
+        self.last_gate: Tensor | None = None
 
     def forward(self, decoded: Tensor, h: Tensor, enc: Tensor, deep: Tensor, image: Tensor) -> Tensor:
         deep = deep.to(h.dtype).flatten(2)
         stats = torch.cat([deep.mean(-1), deep.std(-1)], 1)
         logit = self.body(torch.cat([enc.to(h.dtype), h], 1)) + self.context(stats)[:, :, None, None]
         g = torch.tanh(logit)
+        if self.training:
+            self.last_gate = g
         return decoded + g.to(decoded.dtype) * (image.to(decoded.dtype) - decoded)
 
 
@@ -112,9 +116,14 @@ class SkipFusion(nn.Module):
         block = self.blocks[str(level)] if str(level) in self.blocks else None
         return h if block is None else block(h, skips[encoder_scale_for(self.num_blocks, level)])
 
+    @property
+    def output_gate(self) -> OutputGate | None:
+        key = str(self.num_blocks)
+        return self.blocks[key] if key in self.blocks else None  # type: ignore[return-value]
+
     def gate(self, decoded: Tensor, h: Tensor, skips: Skips) -> Tensor:
         """The decoded image, moved towards the input image by the output gate if there is one."""
-        block = self.blocks[str(self.num_blocks)] if str(self.num_blocks) in self.blocks else None
+        block = self.output_gate
         return decoded if block is None else block(decoded, h, skips[0], skips[-2], skips[-1])
 
 

@@ -45,6 +45,10 @@ class LossWeights:
     perceptual: float = 0.0
     #: variational score distillation against the frozen latent prior (restorer stage).
     vsd: float = 0.0
+    #: penalty on the output gate's mean |g| (skip level len(up blocks)): the gate then opens only
+    #: where the input's own pixels beat the decoded ones by more than this, i.e. on nearly
+    #: clean faces, instead of blending every face towards its degraded input.
+    gate: float = 0.0
     recon_l1: float = 1.0
     recon_edge: float = 0.5
     kl: float = 1e-6
@@ -99,8 +103,8 @@ class RestorerTrainConfig(RunConfig):
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.timestep is not None or self.skip_levels):
-            raise ValueError("lora_rank, timestep, skip_levels and the perceptual/vsd losses belong to the restorer stage")
+        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.losses.gate or self.timestep is not None or self.skip_levels):
+            raise ValueError("lora_rank, timestep, skip_levels and the perceptual/vsd/gate losses belong to the restorer stage")
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -147,6 +151,8 @@ class StageObjective(torch.nn.Module):
         if self.prior is not None:
             real_x0 = lambda z_t, t: unet_x0(self.model, self.prior, self.context, z_t, t)
             terms["vsd"] = vsd_loss(z, real_x0, fake_x0, self.model.scheduler, tuple(t_range))
+        if self.weights.gate:
+            terms["gate"] = self.model.skip_fusion.output_gate.last_gate.abs().mean()
         self.last_latent = z.detach()
         return terms
 
@@ -226,6 +232,8 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
         model = objective.model = load_model_for_training(str(ckpt / "model")).train()
     if cfg.skip_levels:
         model.add_skip_fusion(cfg.skip_levels)
+    if cfg.losses.gate and (model.skip_fusion is None or model.skip_fusion.output_gate is None):
+        raise ValueError(f"losses.gate needs the output gate: skip level {len(model.vae.decoder.up_blocks)} in skip_levels")
     freeze_modules(model, cfg.freeze)
     if cfg.lora_rank:
         model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank)
