@@ -11,11 +11,13 @@ decoder's own activation go through a small conv whose zero-initialised output i
 to the decoder's activation. Zero init means a model with fresh fusion restores exactly as
 before, so it is trained on top of a finished restorer (decoder + fusion, encoder and UNet frozen).
 
-Level `len(up blocks)` (4 for the tiny VAE) is the output gate: a per-pixel weight g in [-1, 1],
-from the decoder's last activation and the encoder's first, moves the decoded image towards the
-input, `out = decoded + g * (input - decoded)`. Features pass through the decoder's norms and
-convs only approximately; the gate lets a face that needs little restoration keep its own
-pixels exactly, which is where the latent path lost identity (benchmarks/RESULTS.md).
+Level `len(up blocks)` (4 for the tiny VAE) is the output gate (`OutputGate`): a per-pixel
+weight g in [-1, 1] moves the decoded image towards the input, `out = decoded + g * (input -
+decoded)`. Features pass through the decoder's norms and convs only approximately; the gate lets
+a face that needs little restoration keep its own pixels exactly, which is where the latent path
+loses identity. In the runs so far it learned a near-constant blend rather than one that follows
+the degradation, so the bundled model does not use it (benchmarks/RESULTS.md, "Where the
+mild-set identity is lost").
 
 The encoder and decoder are run block by block here (the same calls as diffusers' `Encoder`
 and `Decoder` forward) so the activations can be taken and given back.

@@ -45,9 +45,9 @@ class LossWeights:
     perceptual: float = 0.0
     #: variational score distillation against the frozen latent prior (restorer stage).
     vsd: float = 0.0
-    #: penalty on the output gate's mean |g| (skip level len(up blocks)): the gate then opens only
-    #: where the input's own pixels beat the decoded ones by more than this, i.e. on nearly
-    #: clean faces, instead of blending every face towards its degraded input.
+    #: penalty on the output gate's mean |g| (skip level len(up blocks)), meant to keep the gate
+    #: shut except where the input's own pixels beat the decoded ones by more than this; in the
+    #: runs so far it lowered the gate on every face alike (benchmarks/RESULTS.md).
     gate: float = 0.0
     recon_l1: float = 1.0
     recon_edge: float = 0.5
