@@ -68,6 +68,14 @@ def tiny_model_config(**changes):
     return small.with_overrides(**changes) if changes else small  # vae/unet changes merge key by key
 
 
+def randomize_fusion(model, std: float = 0.05, seed: int = 4) -> None:
+    """Fresh skip fusion adds zero; give it seeded random weights so it changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.skip_fusion.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
 def tiny_restorer(face_size: int = 64, seed: int = 0):
     """A random `OneStepRestorer` small enough to restore a few 64 px faces in a blink (CPU, fp32)."""
     from facerestore_cli.models import OneStepRestorer

@@ -23,7 +23,7 @@ from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import restore_latent
 from facerestore_cli.pipeline import load_restorer
 
-from fakes import face_like, tiny_model_config
+from fakes import face_like, randomize_fusion, tiny_model_config
 
 pytest.importorskip("onnxruntime")  # a guard only: the test extra installs it
 
@@ -68,9 +68,7 @@ def save_fused_model(path: Path) -> Path:
     torch.manual_seed(3)
     model = OneStepRestorer.from_config(small_config())
     model.add_skip_fusion([1, 2, 3, 4])
-    with torch.no_grad():
-        for p in model.skip_fusion.parameters():
-            p.normal_(0, 0.05)
+    randomize_fusion(model)
     model.save_pretrained(path)
     return path
 

@@ -26,7 +26,7 @@ from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
 from facerestore_cli.pipeline import Shard, Summary, fast_torch_model, merge_summaries
 
-from fakes import face_like, free_port, tiny_model_config
+from fakes import face_like, free_port, randomize_fusion, tiny_model_config
 
 FACE = 64
 SLOW = os.environ.get("FACERESTORE_SLOW_TESTS") == "1"
@@ -123,9 +123,7 @@ def test_decoder_overflow_is_redone_with_fp32_decoder(model_dir: Path, monkeypat
 def test_fp32_decoder_fallback_takes_the_skip_fusion_along(model_dir: Path) -> None:
     low = load(model_dir, torch.bfloat16)
     low.add_skip_fusion([1, 2, 3, 4])
-    with torch.no_grad():
-        for p in low.skip_fusion.parameters():
-            p.normal_(0, 0.05)
+    randomize_fusion(low)
     reference = copy.deepcopy(low).float()
     guard = PrecisionGuard(low, warn=lambda _: None)
     guard._decoder_to_fp32()  # as after an overflow: bf16 encoder and UNet, fp32 decoder and fusion
@@ -165,9 +163,7 @@ def test_compile_covers_the_blocks_of_a_fused_model(model_dir: Path) -> None:
     is traced, and the output is the eager one."""
     fused = load(model_dir)
     fused.add_skip_fusion([1, 2, 3, 4])
-    with torch.no_grad():
-        for p in fused.skip_fusion.parameters():
-            p.normal_(0, 0.05)
+    randomize_fusion(fused)
     eager = copy.deepcopy(fused)
     traced: list[str] = []
 

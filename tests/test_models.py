@@ -23,7 +23,7 @@ from facerestore_cli.models.restorer import (
     vae_encoder_lora_targets,
 )
 from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
-from fakes import tiny_model_config
+from fakes import randomize_fusion, tiny_model_config
 
 
 
@@ -131,14 +131,6 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ skip fusion
-def randomize_fusion(model: OneStepRestorer, std: float = 0.05, seed: int = 4) -> None:
-    """Fresh fusion adds zero; give it weights so it changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.skip_fusion.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def test_skip_fusion_starts_as_a_no_op_then_feeds_the_input_to_the_decoder(tmp_path: Path) -> None:
     model = make_model()
     x = images(2, 32)

@@ -52,6 +52,11 @@ def encoder_channels(block_out_channels: Sequence[int], scale: int) -> int:
     return block_out_channels[0] if scale == 0 else block_out_channels[scale - 1]
 
 
+def norm_groups(channels: int, groups: int) -> int:
+    """The VAE's GroupNorm group count where it divides `channels`, else 1."""
+    return groups if channels % groups == 0 else 1
+
+
 class FuseBlock(nn.Module):
     """decoder activation + conv(concat(encoder activation, decoder activation)), zero at init."""
 
@@ -107,12 +112,11 @@ class SkipFusion(nn.Module):
         self.blocks = nn.ModuleDict()
         for lv in levels:
             if lv == self.num_blocks:
-                self.blocks[str(lv)] = OutputGate(ch[0], ch[-1], groups if (2 * ch[0]) % groups == 0 else 1)
+                self.blocks[str(lv)] = OutputGate(ch[0], ch[-1], norm_groups(2 * ch[0], groups))
                 continue
             enc_ch = encoder_channels(ch, encoder_scale_for(len(ch), lv))
             dec_ch = decoder_input_channels(ch, lv)
-            g = groups if (enc_ch + dec_ch) % groups == 0 else 1
-            self.blocks[str(lv)] = FuseBlock(enc_ch, dec_ch, g)
+            self.blocks[str(lv)] = FuseBlock(enc_ch, dec_ch, norm_groups(enc_ch + dec_ch, groups))
 
     def fuse(self, level: int, h: Tensor, skips: Skips) -> Tensor:
         block = self.blocks[str(level)] if str(level) in self.blocks else None
