@@ -41,7 +41,7 @@ from facerestore_cli.evaluate import (
 from facerestore_cli.faces import build_detector, estimate_affine, warp_faces
 from facerestore_cli.media import MediaError, read_image
 from facerestore_cli.metrics import MetricUnavailable, create_metric
-from facerestore_cli.models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
 from facerestore_cli.pipeline import DEFAULT_MODEL, resolve_device
 from facerestore_cli.train.degrade import DegradationConfig, Degrader
 
@@ -130,13 +130,21 @@ def make_grid(out: Path, models: list[Path], source: Path | None, device: str, c
     print(f"grid: {out}")
 
 
+def _color_fix(spec: str) -> str:
+    try:
+        parse_color_fix(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", type=Path, default=HERE / "grid_astronaut.png", help="PNG to write [default: benchmarks/grid_astronaut.png]")
     ap.add_argument("--model", action="append", type=Path, help=f"restorer folder; repeat for several [default: weights/{DEFAULT_MODEL.name}]")
     ap.add_argument("--source", type=Path, default=None, help="astronaut.png instead of scikit-image's copy")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--color-fix", default=DEFAULT_COLOR_FIX, choices=COLOR_FIXES)
+    ap.add_argument("--color-fix", default=DEFAULT_COLOR_FIX, type=_color_fix, help="wavelet[:N], adain or none, as `restore --color-fix`")
     args = ap.parse_args()
     try:
         make_grid(args.out, args.model or [DEFAULT_MODEL], args.source, args.device, args.color_fix)

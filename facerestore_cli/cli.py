@@ -15,7 +15,7 @@ from rich.table import Table
 from . import __version__
 from .commands.common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device, secondary_process
 from .frames import FRAME_PATHS
-from .models.color import COLOR_FIXES, DEFAULT_COLOR_FIX
+from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
 
 console = Console(stderr=True)
 
@@ -24,6 +24,19 @@ def fail(message: str) -> None:
     """A one-line error and exit code 2: for problems that stop a command before it starts."""
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+def _check_color_fix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_color_fix(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def color_fix_option(help: str):
+    """--color-fix, as `restore` and `eval` share it: wavelet[:N], adain or none."""
+    return click.option("--color-fix", default=DEFAULT_COLOR_FIX, show_default=True, metavar="wavelet[:N]|adain|none", callback=_check_color_fix, help=help)
 
 
 def _progress() -> Progress:
@@ -98,7 +111,7 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="fp16 needs CUDA.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Faces restored per model call.")
-@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=DEFAULT_COLOR_FIX, show_default=True, help="Keep the input's colours: its low frequencies (wavelet) or its channel statistics (adain).")
+@color_fix_option("Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain).")
 @click.option("--upscale", type=click.FloatRange(1, 8), default=1.0, show_default=True, help="Scale the whole image by this factor.")
 @click.option("--only-center-face", is_flag=True, help="Restore only the face nearest the image centre.")
 @click.option("--aligned", is_flag=True, help="Inputs are already aligned face crops (FFHQ layout).")
@@ -301,7 +314,7 @@ def _metric_table(result) -> Table:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--color-fix", type=click.Choice(COLOR_FIXES), default=DEFAULT_COLOR_FIX, show_default=True, help="Colour fix after the restorer (as `restore` applies it).")
+@color_fix_option("Colour fix after the restorer (as `restore` applies it).")
 @click.option("--size", type=click.IntRange(16), default=None, help="Restore and score at SIZE x SIZE [default: the ground truth's size].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--list-metrics", is_flag=True, help="List every metric, whether it can run here and why not, then exit.")

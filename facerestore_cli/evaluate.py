@@ -46,7 +46,7 @@ import torch
 
 from . import __version__
 from .media import IMAGE_EXTS, MediaError, read_image
-from .models.color import DEFAULT_COLOR_FIX
+from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
 from .models.inference import restore_crops
 from .metrics import Metric, MetricInfo, MetricUnavailable, available_metrics, create_metric, finite_mean, metric_info, unavailable_metrics
 from .metrics.identity import IdentityDistance, IdentitySimilarity
@@ -596,6 +596,7 @@ def evaluate(
     input_reference: also score the identity metrics against the degraded input, as
     `identity@input` / `identity_dist@input` (the `input` baseline is perfect there by construction).
     """
+    parse_color_fix(color_fix)
     items, source = _find_items(pairs, lq, limit)
     have_gt = pairs is not None
     baselines = _check_baselines(baselines)

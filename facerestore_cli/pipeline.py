@@ -42,7 +42,7 @@ from .media import (
     resize_image,
     write_image,
 )
-from .models.color import DEFAULT_COLOR_FIX
+from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
 from .models.inference import CompiledRestorer, RestoreModel, restore_crops, restore_crops_tensor
 from .models.precision import LOW_PRECISION, PrecisionGuard
 from .models.restorer import OneStepRestorer
@@ -102,6 +102,7 @@ class FaceRestorer:
 
     def __init__(self, model: RestoreModel, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX,
                  frame_path: str = "auto"):  # fmt: skip
+        parse_color_fix(color_fix)  # a bad spec fails here, before any file is read
         self.model, self.detector = model, detector
         self.batch_size, self.color_fix = batch_size, color_fix
         self.face_size = model.config.face_size

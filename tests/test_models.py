@@ -500,5 +500,25 @@ def test_color_fixes_keep_input_colours() -> None:
     high = lambda x: x - low_frequency(x)
     assert (high(wavelet) - high(cast)).abs().mean() < 0.02
     assert torch.equal(color_fix(cast, src, "none"), cast)
-    with pytest.raises(ValueError, match="color fix"):
-        color_fix(cast, src, "sepia")
+    for bad in ("sepia", "wavelet:0", "wavelet:x", "adain:3", "wavelet:9"):
+        with pytest.raises(ValueError, match="color fix"):
+            color_fix(cast, src, bad)
+
+
+def test_fewer_wavelet_levels_keep_more_of_the_input_and_all_keep_the_finest_detail() -> None:
+    """wavelet:N takes the restorer's N finest bands: a restorer that moved mid-scale shapes gets
+    the input's shapes back with fewer bands, and its finest detail survives at every N."""
+    from facerestore_cli.models.color import DEFAULT_WAVELET_LEVELS, color_fix, low_frequency
+
+    g = torch.Generator().manual_seed(0)
+    src = images(1, 128) * 0.5
+    moved = low_frequency(torch.randn(1, 3, 128, 128, generator=g), 3) * 2  # mid-scale change
+    fine = torch.randn(1, 3, 128, 128, generator=g) * 0.05
+    restored = (src + moved + fine).clamp(-1, 1)
+    err = {n: (color_fix(restored, src, f"wavelet:{n}") - src).abs().mean() for n in (2, 3, 5)}
+    assert err[2] < err[3] < err[5] < (restored - src).abs().mean()
+    finest = lambda x: x - low_frequency(x, 1)
+    for n in (2, 3, 5):
+        kept = (finest(color_fix(restored, src, f"wavelet:{n}")) - finest(restored)).abs().mean()
+        assert kept < 0.2 * finest(fine).abs().mean()
+    assert torch.equal(color_fix(restored, src, "wavelet"), color_fix(restored, src, f"wavelet:{DEFAULT_WAVELET_LEVELS}"))

@@ -140,6 +140,13 @@ def test_cli_output_is_a_file_and_inputs_never_overwritten(real: Path, tmp_path:
     assert (tmp_path / "photo.jpg").read_bytes() == original
 
 
+def test_cli_refuses_a_bad_color_fix_before_reading_anything(real: Path, tmp_path: Path) -> None:
+    shutil.copy(real / WHOLE[0], tmp_path / "photo.jpg")
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out"), "--color-fix", "wavelet:0"])
+    assert result.exit_code == 2 and "wavelet:N" in result.output and "--color-fix" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_extras_and_skip_existing(real: Path, tmp_path: Path) -> None:
     shutil.copy(real / WHOLE[0], tmp_path / "photo.jpg")
     out = tmp_path / "out"

@@ -3,6 +3,13 @@
 A latent restorer can shift colours (a small VAE most of all). The wavelet fix keeps the
 restoration's high frequencies (the detail it adds) and takes the low frequencies (colour and
 shading) from the input, which degradations such as blur, noise and JPEG barely change.
+
+How many wavelet bands the restorer supplies is the fidelity knob (``wavelet:N``, N = 1..8 at
+512 px; each band doubles the scale). With 5, as OSEDiff uses, the bundled model redraws the
+mid-scale shapes of nearly clean faces (eyes, mouth) and their identity distance got worse than
+the input's; with 3 it keeps the input's shapes above about 3 px and only adds finer detail,
+and identity beat the input on both held-out sets (benchmarks/RESULTS.md). Heavily degraded
+photos can take more: ``wavelet:5``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,22 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 #: wavelet by default: on held-out faces it beat adain and no fix on PSNR, SSIM, identity and
 #: NIQE (benchmarks/RESULTS.md).
 DEFAULT_COLOR_FIX = "wavelet"
+#: detail bands the restorer supplies under plain "wavelet" (see the module docstring).
+DEFAULT_WAVELET_LEVELS = 3
+MAX_WAVELET_LEVELS = 8
+
+
+def parse_color_fix(spec: str) -> tuple[str, int]:
+    """"wavelet", "wavelet:N", "adain" or "none" -> (method, wavelet levels); ValueError saying what is allowed."""
+    method, _, levels = spec.partition(":")
+    allowed = f"color fix must be one of {', '.join(COLOR_FIXES)} or wavelet:N (N = 1..{MAX_WAVELET_LEVELS}), not {spec!r}"
+    if method not in COLOR_FIXES or (levels and method != "wavelet"):
+        raise ValueError(allowed)
+    if not levels:
+        return method, DEFAULT_WAVELET_LEVELS
+    if not levels.isdigit() or not 1 <= int(levels) <= MAX_WAVELET_LEVELS:
+        raise ValueError(allowed)
+    return method, int(levels)
 
 
 def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -31,7 +54,7 @@ def low_frequency(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return x
 
 
-def wavelet_color_fix(restored: torch.Tensor, source: torch.Tensor, levels: int = 5) -> torch.Tensor:
+def wavelet_color_fix(restored: torch.Tensor, source: torch.Tensor, levels: int = DEFAULT_WAVELET_LEVELS) -> torch.Tensor:
     """Restored detail on the source's low frequencies."""
     return restored - low_frequency(restored, levels) + low_frequency(source, levels)
 
@@ -45,10 +68,10 @@ def adain_color_fix(restored: torch.Tensor, source: torch.Tensor, eps: float = 1
 
 
 def color_fix(restored: torch.Tensor, source: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
-    """Apply a named fix to images in [-1, 1] (computed in float32, clamped, dtype kept)."""
-    if method == "none":
+    """Apply a fix named as `parse_color_fix` reads it to images in [-1, 1] (computed in float32, clamped, dtype kept)."""
+    name, levels = parse_color_fix(method)
+    if name == "none":
         return restored
-    if method not in COLOR_FIXES:
-        raise ValueError(f"color fix must be one of {', '.join(COLOR_FIXES)}, not {method!r}")
-    fix = wavelet_color_fix if method == "wavelet" else adain_color_fix
-    return fix(restored.float(), source.float()).clamp(-1, 1).to(restored.dtype)
+    r, s = restored.float(), source.float()
+    fixed = wavelet_color_fix(r, s, levels) if name == "wavelet" else adain_color_fix(r, s)
+    return fixed.clamp(-1, 1).to(restored.dtype)
