@@ -72,14 +72,16 @@ def load_restorer(
 
 
 def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, warn: Callable[[str], None] | None = None) -> RestoreModel:
-    """The merged restorer under torch.compile (channels_last on CUDA) if asked, and under the
-    fp32 fallback guard when it runs in fp16/bf16. On the CPU the weights go channels_last:
-    oneDNN's convolutions run the model 11-15 % faster that way (benchmarks/RESULTS.md)."""
+    """The merged restorer under torch.compile if asked, and under the fp32 fallback guard when
+    it runs in fp16/bf16. Weights go channels_last on the CPU (oneDNN's convolutions run the
+    model 11-15 % faster that way, benchmarks/RESULTS.md) and, with --compile, on CUDA (tensor
+    cores prefer it)."""
     runner: RestoreModel = restorer
-    if restorer.device.type == "cpu":
+    nhwc = restorer.device.type == "cpu" or compile_model
+    if nhwc:
         restorer.to(memory_format=torch.channels_last)
     if compile_model:
-        runner = CompiledRestorer(restorer, channels_last=restorer.device.type == "cuda", warn=warn)
+        runner = CompiledRestorer(restorer, channels_last=nhwc, warn=warn)
     if restorer.dtype in LOW_PRECISION:
         runner = PrecisionGuard(restorer, runner, warn)
     return runner
