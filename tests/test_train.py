@@ -18,7 +18,7 @@ from facerestore_cli.models import OneStepRestorer
 from facerestore_cli.train.data import AlignedFaces, prepare_faces, read_manifest
 from facerestore_cli.train.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
 from facerestore_cli.train.restorer_training import RestorerTrainConfig, train_restorer
-from fakes import free_port
+from fakes import free_port, tiny_restorer
 
 
 def face_batch(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -157,6 +157,26 @@ def test_gate_penalty_trains_the_output_gate_and_needs_one(prepared: Path, tmp_p
     assert gated["finished"] and gated["last_losses"]["gate"] >= 0
     end = OneStepRestorer.from_pretrained(tmp_path / "gate" / "final", torch_dtype=torch.float32)
     assert end.config.skip_levels == [1, 4] and end.skip_fusion.output_gate.body[-1].weight.abs().sum() > 0
+
+
+def test_restorer_losses_can_score_what_restore_delivers() -> None:
+    """With `color_fix` the losses compare the colour-fixed restoration with HQ: a face whose
+    coarse shapes the fix takes from the input is not penalised for the decoder's own."""
+    from facerestore_cli.models.color import color_fix_unclamped
+    from facerestore_cli.train.restorer_training import LossWeights, StageObjective
+
+    model = tiny_restorer()
+    hq = face_batch(2, 64) * 2 - 1
+    lq = torch.nn.functional.avg_pool2d(hq, 3, 1, 1)
+    raw, fixed = StageObjective(model, "restorer", LossWeights()), StageObjective(model, "restorer", LossWeights(), "wavelet:2")
+    with torch.no_grad():
+        restored = model.restore_one_step(lq)[1]
+        expected = (color_fix_unclamped(restored, lq, "wavelet:2") - hq).abs().mean()
+        assert fixed(lq, hq)["restore_l1"] == pytest.approx(expected.item(), rel=1e-5)
+        assert fixed(lq, hq)["restore_l1"] < raw(lq, hq)["restore_l1"], "an untrained decoder's colours are far off; the fix takes the input's"
+    for bad in ({"color_fix": "sepia"}, {"stage": "prior", "color_fix": "wavelet:3"}):
+        with pytest.raises(ValueError, match="color"):
+            RestorerTrainConfig.from_dict(bad)
 
 
 def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:

@@ -67,11 +67,18 @@ def adain_color_fix(restored: torch.Tensor, source: torch.Tensor, eps: float = 1
     return (restored - r_mean) / r_std * s_std + s_mean
 
 
-def color_fix(restored: torch.Tensor, source: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
-    """Apply a fix named as `parse_color_fix` reads it to images in [-1, 1] (computed in float32, clamped, dtype kept)."""
+def color_fix_unclamped(restored: torch.Tensor, source: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
+    """The fix named as `parse_color_fix` reads it, in float32 and not clamped, so a training loss
+    on it passes gradients everywhere."""
     name, levels = parse_color_fix(method)
-    if name == "none":
-        return restored
     r, s = restored.float(), source.float()
-    fixed = wavelet_color_fix(r, s, levels) if name == "wavelet" else adain_color_fix(r, s)
-    return fixed.clamp(-1, 1).to(restored.dtype)
+    if name == "none":
+        return r
+    return wavelet_color_fix(r, s, levels) if name == "wavelet" else adain_color_fix(r, s)
+
+
+def color_fix(restored: torch.Tensor, source: torch.Tensor, method: str = DEFAULT_COLOR_FIX) -> torch.Tensor:
+    """Apply a fix to images in [-1, 1] (computed in float32, clamped, dtype kept)."""
+    if method == "none":
+        return restored
+    return color_fix_unclamped(restored, source, method).clamp(-1, 1).to(restored.dtype)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..configfile import RunConfig
+from ..models.color import color_fix_unclamped, parse_color_fix
 from ..models.restorer import OneStepRestorer
 from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
 from .data import AlignedFaces
@@ -95,6 +96,9 @@ class RestorerTrainConfig(RunConfig):
     #: VSD: timesteps the generated latent is noised to, and the fake-score network's learning rate.
     vsd_t_range: list[int] = field(default_factory=lambda: [20, 980])
     fake_score_lr: float = 1e-4
+    #: restorer stage: the losses score the restoration after this colour fix (`restore
+    #: --color-fix`), i.e. what `restore` delivers; "none" scores the raw decoder output.
+    color_fix: str = "none"
     losses: LossWeights = field(default_factory=LossWeights)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
@@ -105,6 +109,9 @@ class RestorerTrainConfig(RunConfig):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.losses.gate or self.timestep is not None or self.skip_levels):
             raise ValueError("lora_rank, timestep, skip_levels and the perceptual/vsd/gate losses belong to the restorer stage")
+        parse_color_fix(self.color_fix)
+        if self.stage != "restorer" and self.color_fix != "none":
+            raise ValueError("color_fix belongs to the restorer stage")
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -120,9 +127,9 @@ class StageObjective(torch.nn.Module):
     sees one forward per step. Images are in [-1, 1].
     """
 
-    def __init__(self, model: OneStepRestorer, stage: str, weights: LossWeights):
+    def __init__(self, model: OneStepRestorer, stage: str, weights: LossWeights, color_fix: str = "none"):
         super().__init__()
-        self.model, self.stage, self.weights = model, stage, weights
+        self.model, self.stage, self.weights, self.color_fix = model, stage, weights, color_fix
         self.perceptual = EncoderPerceptualLoss(model.vae.encoder) if stage == "restorer" and weights.perceptual else None
         self.prior = None
         if stage == "restorer" and weights.vsd:
@@ -144,6 +151,7 @@ class StageObjective(torch.nn.Module):
     def _restorer_terms(self, lq, hq, fake_x0, t_range) -> dict[str, torch.Tensor]:
         """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
         z, restored = self.model.restore_one_step(lq)
+        restored = color_fix_unclamped(restored, lq, self.color_fix)
         l1, edge = l1_and_edges(restored, hq)
         terms = {"restore_l1": l1, "restore_edge": edge}
         if self.perceptual is not None:
@@ -227,7 +235,7 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
     if cfg.timestep is not None:
         model.config.timestep = cfg.timestep
     # Frozen references (prior, perceptual features) always come from the starting model.
-    objective = StageObjective(model, cfg.stage, cfg.losses)
+    objective = StageObjective(model, cfg.stage, cfg.losses, cfg.color_fix)
     if ckpt is not None and not cfg.lora_rank:
         model = objective.model = load_model_for_training(str(ckpt / "model")).train()
     if cfg.skip_levels:
