@@ -7,7 +7,7 @@ shading) from the input, which degradations such as blur, noise and JPEG barely 
 How many wavelet bands the restorer supplies is the fidelity knob (``wavelet:N``, N = 1..8 at
 512 px; each band doubles the scale). With 5, as OSEDiff uses, the bundled model redraws the
 mid-scale shapes of nearly clean faces (eyes, mouth) and their identity distance got worse than
-the input's; with 3 it keeps the input's shapes above about 3 px and only adds finer detail,
+the input's; with 3 it keeps the input's shapes larger than about 8 px and adds finer detail,
 and identity beat the input on both held-out sets (benchmarks/RESULTS.md). Heavily degraded
 photos can take more: ``wavelet:5``.
 """

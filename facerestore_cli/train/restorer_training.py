@@ -151,7 +151,8 @@ class StageObjective(torch.nn.Module):
     def _restorer_terms(self, lq, hq, fake_x0, t_range) -> dict[str, torch.Tensor]:
         """LQ -> one step -> image, against HQ. Unclamped: a clamp would stop gradients at the limits."""
         z, restored = self.model.restore_one_step(lq)
-        restored = color_fix_unclamped(restored, lq, self.color_fix)
+        if self.color_fix != "none":
+            restored = color_fix_unclamped(restored, lq, self.color_fix)
         l1, edge = l1_and_edges(restored, hq)
         terms = {"restore_l1": l1, "restore_edge": edge}
         if self.perceptual is not None:
