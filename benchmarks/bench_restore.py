@@ -3,6 +3,7 @@
     python benchmarks/bench_restore.py --device cpu --threads 2
     python benchmarks/bench_restore.py --device cuda --precision fp16 --model-only --batches 1,16
     python benchmarks/bench_restore.py --device cuda --precision fp16 --frame-path numpy   # vs the default tensor path
+    python benchmarks/bench_restore.py --device cpu --threads 2 --face-size 512   # every face on the full crop
 
 End to end: the whole images of ../shared/data/real_lq (read, detect, align, restore, paste,
 write) through the same `run_restore` the CLI uses, after one warm-up image. Model only: the
@@ -99,12 +100,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
+    ap.add_argument("--face-size", default="auto", help="end to end: restore --face-size (auto or pixels) [default: auto]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path)
+    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path,
+                          face_size=args.face_size if args.face_size == "auto" else int(args.face_size))  # fmt: skip
     where = machine()
     name = (args.model or DEFAULT_MODEL).name
-    settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}"
+    settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}, face size {args.face_size} ({'/'.join(map(str, engine.sizes))} px)"
     print(f"machine: {where}")
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     if not args.model_only:

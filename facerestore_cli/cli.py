@@ -34,6 +34,19 @@ def _check_color_fix(ctx: click.Context, param: click.Parameter, value: str) -> 
     return value
 
 
+def _check_face_size(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
+    """`auto` or a whole number of pixels (the model checks it fits once it is loaded)."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give auto or a crop size in pixels, e.g. 512") from None
+    if size < 16:
+        raise click.BadParameter(f"{size}: a face crop must be at least 16 px")
+    return size
+
+
 def color_fix_option(help: str):
     """--color-fix, as `restore` and `eval` share it: wavelet[:N], adain or none."""
     return click.option("--color-fix", default=DEFAULT_COLOR_FIX, show_default=True, metavar="wavelet[:N]|adain|none", callback=_check_color_fix, help=help)
@@ -125,7 +138,8 @@ def main() -> None:
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
 @click.option("--frame-path", type=click.Choice(FRAME_PATHS), default="auto", show_default=True, help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.")
-def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path) -> None:
+@click.option("--face-size", default="auto", show_default=True, metavar="auto|PIXELS", callback=_check_face_size, help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is about 3-4x faster on a CPU, with the bundled model as sharp but keeping identity less well on mildly degraded faces (benchmarks/RESULTS.md).")
+def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path, face_size) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
     Under torchrun (WORLD_SIZE > 1) each process restores every WORLD_SIZE-th input on its own
@@ -147,7 +161,7 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
         def warn(message: str) -> None:
             console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
 
-        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix, backend, engine_path, compile_model, warn, shard, frame_path)
+        engine = build_engine(model, lora, device, precision, batch_size, detector, det_threshold, min_face_size, osediff, color_fix, backend, engine_path, compile_model, warn, shard, frame_path=frame_path, face_size=face_size)
     except (DetectorUnavailable, FileNotFoundError, ValueError) as err:
         fail(str(err))
     lead = shard.rank == 0

@@ -47,7 +47,7 @@ import torch
 from . import __version__
 from .media import IMAGE_EXTS, MediaError, read_image
 from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
-from .models.inference import restore_crops
+from .models.inference import by_size, restore_crops
 from .metrics import Metric, MetricInfo, MetricUnavailable, available_metrics, create_metric, finite_mean, metric_info, unavailable_metrics
 from .metrics.identity import IdentityDistance, IdentitySimilarity
 from .train.degrade import DegradationConfig, Degrader
@@ -469,12 +469,7 @@ def _restore(model, images: list[np.ndarray], color_fix: str) -> list[np.ndarray
 
 def _restore_mixed_sizes(model, images: list[np.ndarray], color_fix: str) -> list[np.ndarray]:
     """Restore crops of several sizes: each same-size group as one batch, results in input order."""
-    out: list[np.ndarray | None] = [None] * len(images)
-    for shape in dict.fromkeys(im.shape for im in images):
-        idx = [i for i, im in enumerate(images) if im.shape == shape]
-        for i, restored in zip(idx, _restore(model, [images[i] for i in idx], color_fix)):
-            out[i] = restored
-    return out
+    return by_size(images, lambda same: _restore(model, same, color_fix))
 
 
 # ------------------------------------------------------------------ evaluate: one batch

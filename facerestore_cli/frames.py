@@ -17,7 +17,7 @@ tensor path on CUDA and the numpy one elsewhere, where OpenCV is the faster of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch import Tensor
 from .faces.align import paste_faces, scale_affine, warp_faces
 from .faces.tensor_align import paste_faces_tensor, resize_tensor, warp_faces_tensor
 from .media import resize_image, scaled_size
+from .models.inference import by_size
+
+T = TypeVar("T")
 
 FRAME_PATHS = ("auto", "tensor", "numpy")
 
@@ -53,20 +56,22 @@ class FrameResult:
 
 @dataclass
 class AlignedFaces:
-    """The faces of one frame to restore (their image -> crop affines) and how many were found
-    (more than restored with --only-center-face)."""
+    """The faces of one frame to restore (their image -> crop affines, and each crop's size:
+    `--face-size auto` restores small faces on smaller crops) and how many were found (more
+    than restored with --only-center-face)."""
 
     affines: list[np.ndarray]
     found: int
+    sizes: list[int]
 
 
 def restore_frames_numpy(
-    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float, face_size: int,
+    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float,
     restore: Callable[[list[np.ndarray]], list[np.ndarray]],
 ) -> list[FrameResult]:  # fmt: skip
     """Warp with OpenCV, restore every crop of the chunk in `restore`'s batches, paste back."""
-    crops = [warp_faces(frame, a.affines, face_size) for frame, a in zip(frames, aligned)]
-    restored = iter(restore([c for frame_crops in crops for c in frame_crops]))
+    crops = [[warp_faces(frame, [m], n)[0] for m, n in zip(a.affines, a.sizes)] for frame, a in zip(frames, aligned)]
+    restored = iter(by_size([c for frame_crops in crops for c in frame_crops], restore))
     results = []
     for frame, a, frame_crops in zip(frames, aligned, crops):
         faces = [next(restored) for _ in frame_crops]
@@ -78,7 +83,7 @@ def restore_frames_numpy(
 
 @torch.inference_mode()
 def restore_frames_tensor(
-    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float, face_size: int,
+    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float,
     restore: Callable[[Tensor], Tensor], device: torch.device, keep_faces: bool = False,
 ) -> list[FrameResult]:  # fmt: skip
     """The same on `device`: `restore` takes and returns uint8 Nx3xSxS tensors there.
@@ -90,25 +95,25 @@ def restore_frames_tensor(
     if upscale == 1 and not any(a.affines for a in aligned):
         return [FrameResult(frame, [], [], a.found, 0) for frame, a in zip(frames, aligned)]
     images = _upload(frames, device)
-    crops = [_warp(image, a.affines, face_size) for image, a in zip(images, aligned)]
-    counts = [len(c) for c in crops]
-    restored = restore(torch.cat(crops))
-    finished = [_finish(image, faces, a.affines, upscale) for image, faces, a in zip(images, restored.split(counts), aligned)]
+    crops = [_warp(image, m, n) for image, a in zip(images, aligned) for m, n in zip(a.affines, a.sizes)]
+    counts = [len(a.affines) for a in aligned]
+    restored = by_size(crops, lambda same: list(restore(torch.stack(same))))
+    finished = [_finish(image, faces, a.affines, upscale) for image, faces, a in zip(images, _split(restored, counts), aligned)]
     done = iter(_download([f for f in finished if f is not None]))
     if keep_faces:
-        crops_out, restored_out = _split(_hwc(torch.cat(crops)), counts), _split(_hwc(restored), counts)
+        crops_out, restored_out = _split([_hwc(c[None])[0] for c in crops], counts), _split([_hwc(r[None])[0] for r in restored], counts)
     else:
         crops_out = restored_out = [[] for _ in counts]
     return [FrameResult(frame if f is None else next(done), c, r, a.found, n)
             for frame, f, c, r, a, n in zip(frames, finished, crops_out, restored_out, aligned, counts)]  # fmt: skip
 
 
-def _warp(image: Tensor, affines: list[np.ndarray], face_size: int) -> Tensor:
-    """uint8 Nx3xSxS crops of a uint8 3xHxW image: whole grey levels, as the numpy path's crops."""
-    return warp_faces_tensor(image, affines, face_size).round().clamp(0, 255).to(torch.uint8)
+def _warp(image: Tensor, affine: np.ndarray, size: int) -> Tensor:
+    """The uint8 3xSxS crop of a uint8 3xHxW image: whole grey levels, as the numpy path's crops."""
+    return warp_faces_tensor(image, [affine], size)[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _finish(image: Tensor, faces: Tensor, affines: list[np.ndarray], upscale: float) -> Tensor | None:
+def _finish(image: Tensor, faces: list[Tensor], affines: list[np.ndarray], upscale: float) -> Tensor | None:
     """The finished uint8 3xHxW frame: background (upscaled) with the faces pasted; None if unchanged."""
     if upscale == 1 and not len(faces):
         return None
@@ -140,7 +145,7 @@ def _download(images: list[Tensor]) -> list[np.ndarray]:
     return [_hwc(i[None])[0] for i in images]
 
 
-def _split(items: list[np.ndarray], counts: list[int]) -> list[list[np.ndarray]]:
+def _split(items: list[T], counts: list[int]) -> list[list[T]]:
     """`items` cut into consecutive lists of `counts` items."""
     out, start = [], 0
     for n in counts:

@@ -24,7 +24,7 @@ import torch
 
 from . import WEIGHTS_DIR
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported: callers import them from here)
-from .faces.align import estimate_affine
+from .faces.align import estimate_affine, face_extent, working_size
 from .faces.detector import Detector, Face, build_detector
 from .frames import AlignedFaces, FrameResult, resolve_frame_path, restore_frames_numpy, restore_frames_tensor
 from .media import (
@@ -43,7 +43,7 @@ from .media import (
     write_image,
 )
 from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
-from .models.inference import CompiledRestorer, RestoreModel, restore_crops, restore_crops_tensor
+from .models.inference import CompiledRestorer, RestoreModel, RestorerWrapper, restore_crops, restore_crops_tensor
 from .models.precision import LOW_PRECISION, PrecisionGuard
 from .models.restorer import OneStepRestorer
 from .threads import Prefetch, WriteBehind
@@ -87,6 +87,24 @@ def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, war
     return runner
 
 
+def face_sizes_for(model: RestoreModel, choice: str | int = "auto") -> list[int]:
+    """The crop sizes `--face-size` lets faces be restored at, smallest first.
+
+    auto: every size the model was trained for (`RestorerConfig.face_sizes`; an exported engine
+    has only its own); a number: that size for every face, which a torch model can take at any
+    multiple of its downsampling (quality is only measured at the sizes it was trained for).
+    """
+    cfg = model.config
+    if choice == "auto":
+        return cfg.face_sizes
+    size = int(choice)
+    if size < cfg.size_multiple or size % cfg.size_multiple:
+        raise ValueError(f"--face-size {size}: must be a multiple of {cfg.size_multiple} for this model")
+    if not isinstance(model, (torch.nn.Module, RestorerWrapper)) and size != cfg.face_size:
+        raise ValueError(f"--face-size {size}: an exported engine takes only the size it was made for, {cfg.face_size} px")
+    return [size]
+
+
 def center_face(faces: list[Face], shape: tuple[int, ...]) -> list[Face]:
     """The face whose box centre is nearest the image centre (GFPGAN's --only_center_face)."""
     if len(faces) <= 1:
@@ -100,14 +118,17 @@ class FaceRestorer:
 
     `frame_path` (`--frame-path`): "tensor" warps, restores and pastes each chunk of frames on
     the model's device, "numpy" with OpenCV on the CPU, "auto" is tensor on CUDA (frames.py).
+    `face_size` (`--face-size`): "auto" restores each face on the smallest crop the model was
+    trained for that is at least the face's size in the output image (`face_sizes_for`).
     """
 
     def __init__(self, model: RestoreModel, detector: Detector, batch_size: int = 4, color_fix: str = DEFAULT_COLOR_FIX,
-                 frame_path: str = "auto"):  # fmt: skip
+                 frame_path: str = "auto", face_size: str | int = "auto"):  # fmt: skip
         parse_color_fix(color_fix)  # a bad spec fails here, before any file is read
         self.model, self.detector = model, detector
         self.batch_size, self.color_fix = batch_size, color_fix
-        self.face_size = model.config.face_size
+        self.sizes = face_sizes_for(model, face_size)
+        self.face_size = model.config.face_size if face_size == "auto" else self.sizes[0]
         self.frame_path = resolve_frame_path(frame_path, model.device)
 
     @property
@@ -119,7 +140,7 @@ class FaceRestorer:
         return self.model.dtype
 
     def restore_crops(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Restore aligned face crops (face_size square), batch_size at a time."""
+        """Restore aligned face crops (of one size), batch_size at a time."""
         return restore_crops(self.model, crops, self.batch_size, self.color_fix)
 
     def restore_crops_tensor(self, crops: torch.Tensor) -> torch.Tensor:
@@ -138,14 +159,18 @@ class FaceRestorer:
         """Whole frames: every detected face restored in one batch across all frames, then pasted.
         `keep_faces` (--save-faces) also returns each face's crop and restoration."""
         detections = self.detector.detect(list(frames))
-        aligned = [self._align(frame, faces, only_center_face) for frame, faces in zip(frames, detections)]
+        aligned = [self._align(frame, faces, only_center_face, upscale) for frame, faces in zip(frames, detections)]
         if self.frame_path == "tensor":
-            return restore_frames_tensor(frames, aligned, upscale, self.face_size, self.restore_crops_tensor, self.device, keep_faces)
-        return restore_frames_numpy(frames, aligned, upscale, self.face_size, self.restore_crops)
+            return restore_frames_tensor(frames, aligned, upscale, self.restore_crops_tensor, self.device, keep_faces)
+        return restore_frames_numpy(frames, aligned, upscale, self.restore_crops)
 
-    def _align(self, frame: np.ndarray, faces: list[Face], only_center_face: bool) -> AlignedFaces:
+    def _align(self, frame: np.ndarray, faces: list[Face], only_center_face: bool, upscale: float = 1.0) -> AlignedFaces:
+        """Each kept face's affine at its working size: the face's size in the output image
+        (after --upscale) picks the crop size (`face_sizes_for`)."""
         kept = center_face(faces, frame.shape) if only_center_face else faces
-        return AlignedFaces([estimate_affine(f.landmarks, self.face_size) for f in kept], len(faces))
+        full = max(self.sizes)
+        sizes = [working_size(upscale * face_extent(estimate_affine(f.landmarks, full), full), self.sizes) for f in kept]
+        return AlignedFaces([estimate_affine(f.landmarks, n) for f, n in zip(kept, sizes)], len(faces), sizes)
 
 
 @dataclass
@@ -452,6 +477,7 @@ def build_engine(
     warn: Callable[[str], None] | None = None,
     shard: Shard | None = None,
     frame_path: str = "auto",
+    face_size: str | int = "auto",
 ) -> FaceRestorer:
     """Everything `restore` needs loaded once: the restorer and the detector on one device
     (this process's GPU under torchrun). `warn` gets one-line warnings (fp16 fallback, compile);
@@ -460,7 +486,7 @@ def build_engine(
     dtype = resolve_dtype(precision, dev)
     restorer = load_model(backend, model, lora, osediff, dev, dtype, precision, engine, batch_size, compile_model, warn)
     det = build_detector(detector, device=dev, threshold=det_threshold, min_face_size=min_face_size)
-    return FaceRestorer(restorer, det, batch_size, color_fix, frame_path)
+    return FaceRestorer(restorer, det, batch_size, color_fix, frame_path, face_size)
 
 
 def load_model(

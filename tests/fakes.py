@@ -128,10 +128,10 @@ class NegativeModel:
     """A `RestoreModel` whose "restoration" is the negative of the face: a change anyone can see
     in the output, which moves no more than its input does (a grey level in, a grey level out)."""
 
-    def __init__(self, face_size: int = 64):
+    def __init__(self, face_size: int = 64, working_sizes: tuple[int, ...] = ()):
         from types import SimpleNamespace
 
-        self.config = SimpleNamespace(face_size=face_size)
+        self.config = SimpleNamespace(face_size=face_size, face_sizes=sorted({*working_sizes, face_size}), size_multiple=8)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,21 @@ def test_restore_backend_onnx_same_image_as_torch_and_cached(models: dict[str, P
     assert np.array_equal(cv2.imread(str(tmp_path / "again" / "face.png")).astype(int), b)
 
 
+def test_an_engine_serves_only_its_own_face_size(tmp_path: Path) -> None:
+    """A model trained for smaller crops too (working_sizes) exports at one size: the engine's
+    shapes are fixed, so `restore --face-size auto` gives it that size only."""
+    from facerestore_cli.export.backends import OnnxBackend
+    from facerestore_cli.pipeline import face_sizes_for
+
+    model = save_model(tmp_path / "two_sizes", seed=0, working_sizes=[32])
+    out = tmp_path / "two_sizes.onnx"
+    assert export(["--model", str(model), "-o", str(out)]).exit_code == 0
+    backend = OnnxBackend(out, read_meta(out), CPU)
+    assert backend.config.face_sizes == face_sizes_for(backend) == [FACE]
+    with pytest.raises(ValueError, match="engine"):
+        face_sizes_for(backend, 32)
+
+
 def one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, output

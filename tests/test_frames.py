@@ -22,7 +22,7 @@ from facerestore_cli.faces.tensor_align import resize_tensor
 from facerestore_cli.frames import resolve_frame_path
 from facerestore_cli.media import MediaError, VideoWriter, probe_video, read_video_frames, resize_image
 from facerestore_cli.models.inference import restore_crops
-from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, run_restore
+from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, face_sizes_for, run_restore
 from facerestore_cli.threads import Prefetch, WriteBehind
 
 from fakes import FixedFaces, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
@@ -75,6 +75,36 @@ def test_tensor_frame_path_gives_the_numpy_frames(upscale: float) -> None:
             assert np.array_equal(b.image[~near], frame[~near]), "pixels away from the faces changed"
 
 
+@pytest.mark.parametrize("upscale, want_sizes", [(1, [64, 32]), (2, [64, 64])])
+def test_auto_face_size_restores_small_faces_on_small_crops(upscale: float, want_sizes: list[int]) -> None:
+    """--face-size auto: a face no bigger than a smaller size the model was trained for (here
+    about 24 px, against 32) is restored on a crop of that size, and pasted back as well by both
+    frame paths; --upscale makes it bigger in the output, so it gets the full size again. A forced
+    size applies to every face."""
+    detector = FixedFaces([landmarks_at((60, 70), 30, 0.2), landmarks_at((130, 140), 6, -0.3)])
+    model = NegativeModel(FACE, working_sizes=(32,))
+    got = {p: FaceRestorer(model, detector, color_fix="none", frame_path=p).restore_frames(frames(), upscale, keep_faces=True) for p in ("numpy", "tensor")}
+    for frame, a, b in zip(frames(), got["numpy"], got["tensor"]):
+        assert [c.shape[0] for c in a.crops] == [c.shape[0] for c in b.crops] == [f.shape[0] for f in b.restored] == want_sizes
+        assert np.abs(a.image.astype(int) - b.image).max() <= 2
+        if upscale == 1:  # the small face's own pixels were replaced by its (negated) restoration
+            assert np.abs(b.image[134:146, 124:136].astype(int) - frame[134:146, 124:136]).mean() > 20
+    forced = FaceRestorer(model, detector, color_fix="none", face_size=64).restore_frames(frames(), upscale, keep_faces=True)
+    assert [c.shape[0] for c in forced[0].crops] == [64, 64]
+
+
+def test_face_size_choices() -> None:
+    """auto offers every size the model knows; a forced size must suit the model's downsampling,
+    and an exported engine (anything not a torch model) takes only its own size."""
+    assert face_sizes_for(NegativeModel(FACE, working_sizes=(32,))) == [32, 64]
+    assert face_sizes_for(NegativeModel(FACE), 64) == [64]
+    assert face_sizes_for(tiny_restorer(FACE), 32) == [32]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        face_sizes_for(tiny_restorer(FACE), 48)
+    with pytest.raises(ValueError, match="engine"):
+        face_sizes_for(NegativeModel(FACE), 32)
+
+
 def test_tensor_frame_path_restores_its_crops_with_the_model() -> None:
     """A real (tiny, random) restorer and the colour fix: the faces of the chunk are exactly what
     `restore_crops` makes of those crops."""
@@ -121,7 +151,7 @@ def test_tensor_resize_matches_resize_image(scale: float) -> None:
     assert np.abs(got.round().clamp(0, 255).permute(1, 2, 0).numpy() - want).max() <= 1
 
 
-def test_cli_passes_the_frame_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cli_passes_the_frame_path_and_face_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen = {}
 
     def build(*args, **kwargs):
@@ -129,11 +159,15 @@ def test_cli_passes_the_frame_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         raise ValueError("stop here")
 
     monkeypatch.setattr(pipeline, "build_engine", build)
-    result = CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), "--frame-path", "tensor"])
+    run = lambda *opts: CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), *opts])  # noqa: E731
+    result = run("--frame-path", "tensor")
     assert result.exit_code == 2 and "stop here" in result.output
-    assert seen["args"][-1] == "tensor"
-    result = CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), "--frame-path", "gpu"])
-    assert result.exit_code == 2 and "gpu" in result.output
+    assert seen["frame_path"] == "tensor" and seen["face_size"] == "auto"
+    run("--face-size", "256")
+    assert seen["face_size"] == 256
+    for bad in (["--frame-path", "gpu"], ["--face-size", "big"], ["--face-size", "8"]):
+        result = run(*bad)
+        assert result.exit_code == 2 and bad[1] in result.output, result.output
 
 
 # ------------------------------------------------------------------ threads

@@ -146,6 +146,22 @@ def test_skip_fusion_stage_trains_decoder_and_fusion_only(prepared: Path, tmp_pa
         RestorerTrainConfig.from_dict({"stage": "prior", "skip_levels": [1]})
 
 
+def test_training_on_shrunk_faces_records_the_working_size(prepared: Path, tmp_path: Path) -> None:
+    """`scales` below 1 show the model smaller faces and record that size in its config, which
+    is what lets `restore --face-size auto` use it; sizes the model cannot take are refused."""
+    patches = AlignedFaces([prepared], patch_size=32, scales=[0.5])
+    assert patches[0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        AlignedFaces([prepared], patch_size=96, scales=[0.5])[0]
+    assert train_restorer(tiny_run_config(prepared, 1, scales=[1.0, 0.5]), tmp_path / "run")["finished"]
+    assert OneStepRestorer.from_pretrained(tmp_path / "run" / "final").config.face_sizes == [256, 512]
+    for bad in ([], [0.0], [1.5]):
+        with pytest.raises(ValueError, match="scales"):
+            RestorerTrainConfig.from_dict({"scales": bad})
+    with pytest.raises(ValueError, match="scales .*multiples of 32"):  # 512 * 0.3 = 154 px
+        train_restorer(tiny_run_config(prepared, 1, scales=[0.3]), tmp_path / "odd")
+
+
 def test_gate_penalty_trains_the_output_gate_and_needs_one(prepared: Path, tmp_path: Path) -> None:
     """`losses.gate` is logged and trains a gate added to a finished model; without the gate
     level it is refused before any step."""

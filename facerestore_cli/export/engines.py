@@ -38,7 +38,7 @@ def make_onnx(source: ModelSource, out: Path, face_size: int | None = None, fp16
 
 
 def _onnx_meta(restorer: OneStepRestorer, source: ModelSource, face: int, fp16: bool, opset: int, versions: dict[str, str]) -> EngineMeta:
-    config = restorer.config.to_dict() | {"face_size": face}
+    config = restorer.config.to_dict() | {"face_size": face, "working_sizes": []}  # shapes are fixed at export
     return EngineMeta(
         kind="onnx", model_fingerprint=source.fingerprint(), architecture=architecture_fingerprint(restorer),
         config_name=restorer.config.name, face_size=face, sampling_steps=restorer.config.sampling_steps,

@@ -9,6 +9,7 @@ touch stays bit-identical.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -44,6 +45,18 @@ def estimate_affine(landmarks: np.ndarray, face_size: int = 512) -> np.ndarray:
     if affine is None or not np.isfinite(affine).all():
         affine = _similarity_lstsq(src, dst)
     return affine.astype(np.float32)
+
+
+def face_extent(affine: np.ndarray, size: int) -> float:
+    """How many image pixels a size x size crop of `affine` spans: the face's size in the image."""
+    return size / _affine_scale(affine)
+
+
+def working_size(extent: float, sizes: Sequence[int]) -> int:
+    """The smallest crop size of `sizes` that is at least `extent` pixels, so the crop does not
+    shrink the face and nothing of it is lost; the largest size for faces bigger than all."""
+    fits = [s for s in sorted(sizes) if s >= extent]
+    return fits[0] if fits else max(sizes)
 
 
 def _similarity_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

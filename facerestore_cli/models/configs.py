@@ -37,6 +37,10 @@ class RestorerConfig:
     #: len(up blocks) for the output gate (models.skips); empty for the plain OSEDiff form and
     #: for upstream checkpoints.
     skip_levels: list[int] = field(default_factory=list)
+    #: Smaller face crops (pixels, same FFHQ alignment) the model was also trained on (training
+    #: `scales`): `restore --face-size auto` restores a face that is small in the image on the
+    #: smallest of these that keeps its detail, about (face_size / size)**2 times faster.
+    working_sizes: list[int] = field(default_factory=list)
     prompt_tokens: int = 4
     lora_rank_unet: int = 4
     lora_rank_vae: int = 4
@@ -61,6 +65,16 @@ class RestorerConfig:
     def vae_scale_factor(self) -> int:
         """Pixel-to-latent downsampling factor (2 ** (levels - 1))."""
         return 2 ** (len(self.vae.get("block_out_channels", (64,))) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Face sizes must be multiples of this: the VAE's and the UNet's downsamplings."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.get("block_out_channels", (64,))) - 1)
+
+    @property
+    def face_sizes(self) -> list[int]:
+        """Every crop size the model restores well, smallest first (the full size last)."""
+        return sorted(set(self.working_sizes) | {self.face_size})
 
     @property
     def prediction_type(self) -> str:
@@ -118,6 +132,9 @@ class RestorerConfig:
                 f"config {self.name!r}: skip_levels must be distinct decoder up-block indices in 0..{levels - 1}"
                 f" (or {levels}: the output gate), not {self.skip_levels}"
             )
+        bad = [s for s in self.working_sizes if not 0 < s < self.face_size or s % self.size_multiple]
+        if bad:
+            raise ValueError(f"config {self.name!r}: working_sizes must be below face_size ({self.face_size}) and multiples of {self.size_multiple}, not {bad}")
         self._check_groups("vae", self.vae, int(self.vae.get("norm_num_groups", 32)))
         self._check_groups("unet", self.unet, int(self.unet.get("norm_num_groups", 32)))
 

@@ -10,7 +10,7 @@ back to eager when compiling fails.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from .configs import RestorerConfig
 
 if TYPE_CHECKING:
     from .restorer import OneStepRestorer
+
+T = TypeVar("T")
 
 
 class RestoreModel(Protocol):
@@ -83,6 +85,17 @@ def restore_crops(model: RestoreModel, crops: Sequence[np.ndarray], batch_size: 
         return []
     batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # moved to the device a batch at a time
     return list(restore_crops_tensor(model, batch, batch_size, method).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def by_size(crops: Sequence[T], restore: Callable[[list[T]], Sequence[T]]) -> list[T]:
+    """Restore crops of several sizes (arrays or tensors): each same-size group in one `restore`
+    call, the results in input order."""
+    out: list[T | None] = [None] * len(crops)
+    for shape in dict.fromkeys(tuple(c.shape) for c in crops):
+        idx = [i for i, c in enumerate(crops) if tuple(c.shape) == shape]
+        for i, restored in zip(idx, restore([crops[i] for i in idx])):
+            out[i] = restored
+    return out  # type: ignore[return-value]
 
 
 def compiled_parts(restorer: OneStepRestorer) -> list[str]:

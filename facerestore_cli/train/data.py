@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -144,20 +144,32 @@ def read_manifest(folder: Path) -> list[CropRecord]:
 
 
 class AlignedFaces(Dataset):
-    """HQ aligned crops as float tensors in [0,1], optionally as random patches with flips."""
+    """HQ aligned crops as float tensors in [0,1], optionally as random patches with flips.
 
-    def __init__(self, folders: Iterable[Path], patch_size: int | None = None, flip: bool = True, min_sharpness: float = 0.0):
+    `scales`: each crop is first shrunk by one of these factors, drawn at random (1.0 keeps it),
+    so a model also learns faces seen at a smaller working size (`restore --face-size auto`
+    restores small faces on 256-px crops of the same alignment)."""
+
+    def __init__(self, folders: Iterable[Path], patch_size: int | None = None, flip: bool = True, min_sharpness: float = 0.0,
+                 scales: Sequence[float] = (1.0,)):  # fmt: skip
         self.files = [Path(f) / r.file for f in folders for r in read_manifest(Path(f)) if r.sharpness >= min_sharpness]
         if not self.files:
             raise ValueError("no training crops found in the given folders (or none sharp enough)")
         self.patch_size = patch_size
         self.flip = flip
+        self.scales = list(scales)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, idx: int) -> torch.Tensor:
         img = cv2.imread(str(self.files[idx]), cv2.IMREAD_COLOR)[:, :, ::-1]
+        scale = random.choice(self.scales)
+        if scale != 1.0:
+            side = max(1, round(img.shape[0] * scale))
+            img = cv2.resize(np.ascontiguousarray(img), (side, side), interpolation=cv2.INTER_AREA)
+            if self.patch_size and side < self.patch_size:
+                raise ValueError(f"{self.files[idx]}: shrunk by {scale} to {side} px, smaller than patch_size {self.patch_size}")
         if self.patch_size and self.patch_size < img.shape[0]:
             p = self.patch_size
             y, x = random.randint(0, img.shape[0] - p), random.randint(0, img.shape[1] - p)

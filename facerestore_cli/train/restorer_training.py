@@ -75,6 +75,9 @@ class RestorerTrainConfig(RunConfig):
     steps: int = 2000
     batch_size: int = 8
     patch_size: int = 256
+    #: each training face is shrunk by one of these factors first (data.AlignedFaces): [1.0, 0.5]
+    #: teaches the model the 256-px working size `restore --face-size auto` uses for small faces.
+    scales: list[float] = field(default_factory=lambda: [1.0])
     lr: float = 2e-4
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
@@ -112,6 +115,8 @@ class RestorerTrainConfig(RunConfig):
         parse_color_fix(self.color_fix)
         if self.stage != "restorer" and self.color_fix != "none":
             raise ValueError("color_fix belongs to the restorer stage")
+        if not self.scales or not all(0 < s <= 1 for s in self.scales):
+            raise ValueError(f"scales must be factors in (0, 1], not {self.scales!r}")
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +246,7 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
         model = objective.model = load_model_for_training(str(ckpt / "model")).train()
     if cfg.skip_levels:
         model.add_skip_fusion(cfg.skip_levels)
+    add_working_sizes(model, cfg.scales)
     if cfg.losses.gate and (model.skip_fusion is None or model.skip_fusion.output_gate is None):
         raise ValueError(f"losses.gate needs the output gate: skip level {len(model.vae.decoder.up_blocks)} in skip_levels")
     freeze_modules(model, cfg.freeze)
@@ -250,6 +256,19 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
         if ckpt is not None:
             model.load_lora(ckpt / "model" / LORA_FILE)
     return model, objective
+
+
+def add_working_sizes(model: OneStepRestorer, scales: list[float]) -> None:
+    """Record the smaller crop sizes training shows the model (`scales` < 1) in its config, so
+    `restore --face-size auto` knows it may use them."""
+    sizes = {round(model.config.face_size * s) for s in scales if s < 1}
+    if not sizes - set(model.config.working_sizes):
+        return
+    model.config.working_sizes = sorted(set(model.config.working_sizes) | sizes)
+    try:
+        model.config.validate()
+    except ValueError as err:
+        raise ValueError(f"scales {scales}: {err}") from None
 
 
 def train_restorer(
@@ -285,7 +304,7 @@ def train_restorer(
             fake_opt.load_state_dict(extra["fake_score_opt"])
     if acc.is_main_process:
         (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness)
+    data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     objective, opt, loader = acc.prepare(objective, opt, loader)
     if fake is not None:
