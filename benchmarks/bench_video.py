@@ -1,0 +1,95 @@
+"""Whole-pipeline frames per second of `facerestore restore` on a generated 1080p clip.
+
+    python benchmarks/bench_video.py --device cpu --threads 2 --frames 24
+    python benchmarks/bench_video.py --device cuda --precision fp16 --frames 240 --faces 1,5
+
+The clip is made here, once per face count: copies of the bundled public-domain astronaut
+(`examples/astronaut_lq.jpg`, its face about 150 px wide at the tile size used) side by side
+on a 1920x1080 grey-gradient background, drifting 2 px per frame, H.264 at 24 fps. It then goes
+through the same `run_restore` as the CLI (decode in a background thread, detect, align,
+restore in batches across frames, paste back, encode), after a warm-up run on a shorter clip.
+Prints one Markdown row per face count, in the columns of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_restore import machine, row
+from facerestore_cli.media import VideoWriter, read_image, resize_image
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
+WIDTH, HEIGHT, TILE = 1920, 1080, 360
+
+
+def make_clip(path: Path, faces: int, frames: int, fps: int = 24) -> Path:
+    """A 1080p clip with `faces` astronaut tiles in a row, drifting right 2 px per frame."""
+    if not 1 <= faces <= WIDTH // TILE:
+        raise SystemExit(f"--faces: 1 to {WIDTH // TILE} faces fit in a 1080p row")
+    tile = resize_image(read_image(EXAMPLE).rgb, size=(TILE, TILE))
+    ramp = np.linspace(60, 190, WIDTH, dtype=np.float32)
+    background = np.repeat(np.repeat(ramp[None, :, None], HEIGHT, 0), 3, 2).astype(np.uint8)
+    gap = (WIDTH - faces * TILE) // (faces + 1)
+    top = (HEIGHT - TILE) // 2
+    with VideoWriter(path, fps, (WIDTH, HEIGHT)) as writer:
+        for i in range(frames):
+            frame = background.copy()
+            for k in range(faces):
+                x = gap + k * (TILE + gap) + min(2 * i, gap - 1)
+                frame[top : top + TILE, x : x + TILE] = tile
+            writer.write(frame)
+    return path
+
+
+def run(engine, clip: Path, out: Path, chunk: int) -> tuple[int, int, float]:
+    """(frames, faces restored, seconds) of one restore of the clip."""
+    t = time.perf_counter()
+    summary = run_restore([str(clip)], engine, RestoreOptions(out, video_chunk=chunk))
+    seconds = time.perf_counter() - t
+    if not summary.ok:
+        raise SystemExit("restore failed: " + "; ".join(summary.failures))
+    return summary.frames, summary.faces_restored, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help=f"restorer folder [default: {DEFAULT_MODEL.name}]")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch [default: torch's]")
+    ap.add_argument("--faces", default="1,5", help="face counts, comma-separated [default: 1,5]")
+    ap.add_argument("--frames", type=int, default=48, help="frames per clip [default: 48]")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--video-chunk", type=int, default=8, help="frames detected and restored together")
+    ap.add_argument("--face-size", default="auto", help="restore --face-size (auto or pixels)")
+    ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    face_size = args.face_size if args.face_size == "auto" else int(args.face_size)
+    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                          frame_path=args.frame_path, face_size=face_size)  # fmt: skip
+    where = machine()
+    settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
+                f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}")  # fmt: skip
+    print(f"machine: {where}")
+    print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run(engine, make_clip(root / "warm.mp4", 1, min(args.frames, 8)), root / "warm_out", args.video_chunk)
+        for n in [int(s) for s in args.faces.split(",")]:
+            clip = make_clip(root / f"clip_{n}.mp4", n, args.frames)
+            frames, faces, seconds = run(engine, clip, root / f"out_{n}", args.video_chunk)
+            what = f"end to end, generated 1080p clip, {n} face(s) per frame, {frames} frames ({faces} faces restored)"
+            print(row(settings, what, f"{frames / seconds:.2f} frames/s, {faces / seconds:.2f} faces/s", where), flush=True)
+
+
+if __name__ == "__main__":
+    main()
