@@ -4,8 +4,9 @@
     python benchmarks/bench_video.py --device cuda --precision fp16 --frames 240 --faces 1,5
 
 The clip is made here, once per face count: copies of the bundled public-domain astronaut
-(`examples/astronaut_lq.jpg`, its face about 150 px wide at the tile size used) side by side
-on a 1920x1080 grey-gradient background, drifting 2 px per frame, H.264 at 24 fps. It then goes
+(`examples/astronaut_lq.jpg`) side by side on a 1920x1080 grey-gradient background, as large as
+fits (one: a 1000-px tile, the face box about 170 px; five: 360-px tiles, face boxes about
+60 x 70 px), drifting 2 px per frame, H.264 at 24 fps. It then goes
 through the same `run_restore` as the CLI (decode in a background thread, detect, align,
 restore in batches across frames, paste back, encode), after a warm-up run on a shorter clip.
 Prints one Markdown row per face count, in the columns of benchmarks/RESULTS.md.
@@ -26,24 +27,25 @@ from facerestore_cli.media import VideoWriter, read_image, resize_image
 from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
-WIDTH, HEIGHT, TILE = 1920, 1080, 360
+WIDTH, HEIGHT, MAX_TILE = 1920, 1080, 1000
 
 
 def make_clip(path: Path, faces: int, frames: int, fps: int = 24) -> Path:
-    """A 1080p clip with `faces` astronaut tiles in a row, drifting right 2 px per frame."""
-    if not 1 <= faces <= WIDTH // TILE:
-        raise SystemExit(f"--faces: 1 to {WIDTH // TILE} faces fit in a 1080p row")
-    tile = resize_image(read_image(EXAMPLE).rgb, size=(TILE, TILE))
+    """A 1080p clip with `faces` astronaut tiles in a row, as large as fit, drifting right 2 px per frame."""
+    if not 1 <= faces <= 8:
+        raise SystemExit("--faces: 1 to 8 faces fit in a 1080p row")
+    side = min(MAX_TILE, WIDTH // faces * 15 // 16)
+    tile = resize_image(read_image(EXAMPLE).rgb, size=(side, side))
     ramp = np.linspace(60, 190, WIDTH, dtype=np.float32)
     background = np.repeat(np.repeat(ramp[None, :, None], HEIGHT, 0), 3, 2).astype(np.uint8)
-    gap = (WIDTH - faces * TILE) // (faces + 1)
-    top = (HEIGHT - TILE) // 2
+    gap = (WIDTH - faces * side) // (faces + 1)
+    top = (HEIGHT - side) // 2
     with VideoWriter(path, fps, (WIDTH, HEIGHT)) as writer:
         for i in range(frames):
             frame = background.copy()
             for k in range(faces):
-                x = gap + k * (TILE + gap) + min(2 * i, gap - 1)
-                frame[top : top + TILE, x : x + TILE] = tile
+                x = gap + k * (side + gap) + min(2 * i, gap - 1)
+                frame[top : top + side, x : x + side] = tile
             writer.write(frame)
     return path
 
@@ -70,15 +72,17 @@ def main() -> None:
     ap.add_argument("--video-chunk", type=int, default=8, help="frames detected and restored together")
     ap.add_argument("--face-size", default="auto", help="restore --face-size (auto or pixels)")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto")
+    ap.add_argument("--min-face-size", type=int, default=20, help="restore --min-face-size: MTCNN's image pyramid starts at 12 / this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     face_size = args.face_size if args.face_size == "auto" else int(args.face_size)
     engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                          frame_path=args.frame_path, face_size=face_size)  # fmt: skip
+                          frame_path=args.frame_path, face_size=face_size, min_face_size=args.min_face_size)  # fmt: skip
     where = machine()
     settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
-                f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}")  # fmt: skip
+                f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}, "
+                f"min face {args.min_face_size} px")  # fmt: skip
     print(f"machine: {where}")
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
