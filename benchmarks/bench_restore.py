@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from facerestore_cli.media import IMAGE_EXTS
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_face_size, run_restore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_lq"
 WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffBIR/inputs/demo/bfr/whole_img"]
@@ -100,11 +100,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
-    ap.add_argument("--face-size", default="auto", help="end to end: restore --face-size (auto or pixels) [default: auto]")
+    ap.add_argument("--face-size", default="auto", type=parse_face_size, help="end to end: restore --face-size (auto or pixels) [default: auto]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path,
-                          face_size=args.face_size if args.face_size == "auto" else int(args.face_size))  # fmt: skip
+    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path, face_size=args.face_size)
     where = machine()
     name = (args.model or DEFAULT_MODEL).name
     settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}, face size {args.face_size} ({'/'.join(map(str, engine.sizes))} px)"

@@ -24,7 +24,7 @@ import torch
 
 from bench_restore import machine, row
 from facerestore_cli.media import VideoWriter, read_image, resize_image
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_face_size, run_restore
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
 WIDTH, HEIGHT, MAX_TILE = 1920, 1080, 1000
@@ -70,15 +70,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=48, help="frames per clip [default: 48]")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--video-chunk", type=int, default=8, help="frames detected and restored together")
-    ap.add_argument("--face-size", default="auto", help="restore --face-size (auto or pixels)")
+    ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels)")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto")
     ap.add_argument("--min-face-size", type=int, default=20, help="restore --min-face-size: MTCNN's image pyramid starts at 12 / this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    face_size = args.face_size if args.face_size == "auto" else int(args.face_size)
     engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                          frame_path=args.frame_path, face_size=face_size, min_face_size=args.min_face_size)  # fmt: skip
+                          frame_path=args.frame_path, face_size=args.face_size, min_face_size=args.min_face_size)  # fmt: skip
     where = machine()
     settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
                 f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}, "

@@ -9,8 +9,9 @@ bicubic when it grows, as the aligner warps a small face) and then shrunk to the
 and on the small crop (the LQ resized to it); both are scored at the small size against the
 ground truth resized the same way, with the metrics `facerestore eval` uses. Sets made at the
 small size (`facerestore degrade --size 256`: a face degraded at its own size in the photo)
-are the case `--face-size auto` meets; 512-px sets shrunk are faces degraded before shrinking. It also times both ways (the restorer and the colour fix, one
-batch of --batch-size at a time). Prints Markdown rows for benchmarks/RESULTS.md.
+are the case `--face-size` meets; 512-px sets shrunk are faces degraded before shrinking. It
+also times both ways (the restorer and the colour fix, one batch of --batch-size at a time).
+Prints Markdown rows for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from facerestore_cli.evaluate import find_pairs
+from facerestore_cli.evaluate import _resize, find_pairs
 from facerestore_cli.media import read_image
 from facerestore_cli.metrics.registry import create_metric
 from facerestore_cli.models.inference import restore_crops
 from facerestore_cli.pipeline import DEFAULT_MODEL, fast_torch_model, load_restorer
 
 
+#: decimals per metric in the printed rows (others: 2)
+DECIMALS = {"ssim": 3, "identity": 4, "identity_dist": 4}
+
+
 def shrink(rgb: np.ndarray, size: int) -> np.ndarray:
     """To size x size: area averaging when shrinking, bicubic when growing (as the aligner warps)."""
-    interp = cv2.INTER_AREA if size <= rgb.shape[0] else cv2.INTER_CUBIC
-    return cv2.resize(rgb, (size, size), interpolation=interp)
+    return _resize(rgb, (size, size))
 
 
 def timed(fn, *args) -> tuple[list[np.ndarray], float]:
@@ -82,7 +85,7 @@ def main() -> None:
         for way, (outputs, seconds) in ways.items():
             s = scores(outputs, refs, metrics)
             per_face = "" if seconds is None else f"{seconds / len(items):.3f}"
-            cells = " | ".join(f"{v:.4f}" if "identity" in k else f"{v:.2f}" if k != "ssim" else f"{v:.3f}" for k, v in s.items())
+            cells = " | ".join(f"{v:.{DECIMALS.get(k, 2)}f}" for k, v in s.items())
             print(f"| {datetime.date.today().isoformat()} | {label}, {args.color_fix} | {pairs.name} ({len(items)}) | {way} | {cells} | {per_face} |", flush=True)
 
 

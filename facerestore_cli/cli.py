@@ -35,16 +35,12 @@ def _check_color_fix(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 
 def _check_face_size(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
-    """`auto` or a whole number of pixels (the model checks it fits once it is loaded)."""
-    if value == "auto":
-        return value
+    from .pipeline import parse_face_size
+
     try:
-        size = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give auto or a crop size in pixels, e.g. 512") from None
-    if size < 16:
-        raise click.BadParameter(f"{size}: a face crop must be at least 16 px")
-    return size
+        return parse_face_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def color_fix_option(help: str):

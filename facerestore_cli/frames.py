@@ -101,7 +101,7 @@ def restore_frames_tensor(
     finished = [_finish(image, faces, a.affines, upscale) for image, faces, a in zip(images, _split(restored, counts), aligned)]
     done = iter(_download([f for f in finished if f is not None]))
     if keep_faces:
-        crops_out, restored_out = _split([_hwc(c[None])[0] for c in crops], counts), _split([_hwc(r[None])[0] for r in restored], counts)
+        crops_out, restored_out = _split(_download(crops), counts), _split(_download(restored), counts)
     else:
         crops_out = restored_out = [[] for _ in counts]
     return [FrameResult(frame if f is None else next(done), c, r, a.found, n)
@@ -139,10 +139,9 @@ def _hwc(batch: Tensor) -> list[np.ndarray]:
 
 
 def _download(images: list[Tensor]) -> list[np.ndarray]:
-    """uint8 HxWx3 arrays of uint8 3xHxW tensors; one copy when they share a size (a video chunk)."""
-    if len({tuple(i.shape) for i in images}) == 1:
-        return _hwc(torch.stack(images))
-    return [_hwc(i[None])[0] for i in images]
+    """uint8 HxWx3 arrays of uint8 3xHxW tensors: one copy per size (a video chunk's frames,
+    or faces restored on crops of one size)."""
+    return by_size(images, lambda same: _hwc(torch.stack(same)))
 
 
 def _split(items: list[T], counts: list[int]) -> list[list[T]]:

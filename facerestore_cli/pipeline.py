@@ -87,6 +87,20 @@ def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, war
     return runner
 
 
+def parse_face_size(value: str | int) -> str | int:
+    """`--face-size` as given: "auto" or a whole number of pixels (>= 16); ValueError otherwise.
+    Whether the number suits the model is checked once it is loaded (`face_sizes_for`)."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r}: give auto or a crop size in pixels, e.g. 512") from None
+    if size < 16:
+        raise ValueError(f"{size}: a face crop must be at least 16 px")
+    return size
+
+
 def face_sizes_for(model: RestoreModel, choice: str | int = "auto") -> list[int]:
     """The crop sizes `--face-size` lets faces be restored at, smallest first.
 
@@ -128,7 +142,7 @@ class FaceRestorer:
         self.model, self.detector = model, detector
         self.batch_size, self.color_fix = batch_size, color_fix
         self.sizes = face_sizes_for(model, face_size)
-        self.face_size = model.config.face_size if face_size == "auto" else self.sizes[0]
+        self.face_size = max(self.sizes)  # the model's own size, or the one --face-size forces
         self.frame_path = resolve_frame_path(frame_path, model.device)
 
     @property
@@ -168,9 +182,13 @@ class FaceRestorer:
         """Each kept face's affine at its working size: the face's size in the output image
         (after --upscale) picks the crop size (`face_sizes_for`)."""
         kept = center_face(faces, frame.shape) if only_center_face else faces
-        full = max(self.sizes)
-        sizes = [working_size(upscale * face_extent(estimate_affine(f.landmarks, full), full), self.sizes) for f in kept]
-        return AlignedFaces([estimate_affine(f.landmarks, n) for f, n in zip(kept, sizes)], len(faces), sizes)
+        affines, sizes = [], []
+        for f in kept:
+            affine = estimate_affine(f.landmarks, self.face_size)
+            size = working_size(upscale * face_extent(affine, self.face_size), self.sizes)
+            affines.append(affine if size == self.face_size else estimate_affine(f.landmarks, size))
+            sizes.append(size)
+        return AlignedFaces(affines, len(faces), sizes)
 
 
 @dataclass
