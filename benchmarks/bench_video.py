@@ -7,7 +7,8 @@ The clip is made here, once per face count: copies of the bundled public-domain 
 (`examples/astronaut_lq.jpg`) side by side on a 1920x1080 grey-gradient background, as large as
 fits (one: a 1000-px tile, the face box about 170 px; five: 360-px tiles, face boxes about
 60 x 70 px), drifting 2 px per frame, H.264 at 24 fps. It then goes
-through the same `run_restore` as the CLI (decode in a background thread, detect, align,
+through the same `run_restore` as the CLI (decode in a background thread, detect (a whole-frame
+search every --detect-every frames, faces followed in between), align,
 restore in batches across frames, paste back, encode), after a warm-up run on a shorter clip.
 Prints one Markdown row per face count, in the columns of benchmarks/RESULTS.md.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from bench_restore import machine, row
+from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
 from facerestore_cli.media import VideoWriter, read_image, resize_image
 from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_face_size, run_restore
 
@@ -30,30 +32,40 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
 WIDTH, HEIGHT, MAX_TILE = 1920, 1080, 1000
 
 
-def make_clip(path: Path, faces: int, frames: int, fps: int = 24) -> Path:
-    """A 1080p clip with `faces` astronaut tiles in a row, as large as fit, drifting right 2 px per frame."""
+def tile_side(faces: int) -> int:
+    """Side of each astronaut tile: as large as `faces` of them fit in a row."""
     if not 1 <= faces <= 8:
         raise SystemExit("--faces: 1 to 8 faces fit in a 1080p row")
-    side = min(MAX_TILE, WIDTH // faces * 15 // 16)
+    return min(MAX_TILE, WIDTH // faces * 15 // 16)
+
+
+def tile_positions(faces: int, frame: int) -> list[tuple[int, int]]:
+    """Top-left corner of each tile in a frame: a row, drifting right 2 px per frame while there is room."""
+    side = tile_side(faces)
+    gap = (WIDTH - faces * side) // (faces + 1)
+    top = (HEIGHT - side) // 2
+    return [(gap + k * (side + gap) + min(2 * frame, gap - 1), top) for k in range(faces)]
+
+
+def make_clip(path: Path, faces: int, frames: int, fps: int = 24) -> Path:
+    """A 1080p clip with `faces` astronaut tiles at `tile_positions`."""
+    side = tile_side(faces)
     tile = resize_image(read_image(EXAMPLE).rgb, size=(side, side))
     ramp = np.linspace(60, 190, WIDTH, dtype=np.float32)
     background = np.repeat(np.repeat(ramp[None, :, None], HEIGHT, 0), 3, 2).astype(np.uint8)
-    gap = (WIDTH - faces * side) // (faces + 1)
-    top = (HEIGHT - side) // 2
     with VideoWriter(path, fps, (WIDTH, HEIGHT)) as writer:
         for i in range(frames):
             frame = background.copy()
-            for k in range(faces):
-                x = gap + k * (side + gap) + min(2 * i, gap - 1)
-                frame[top : top + side, x : x + side] = tile
+            for x, y in tile_positions(faces, i):
+                frame[y : y + side, x : x + side] = tile
             writer.write(frame)
     return path
 
 
-def run(engine, clip: Path, out: Path, chunk: int) -> tuple[int, int, float]:
+def run(engine, clip: Path, out: Path, chunk: int, detect_every: int) -> tuple[int, int, float]:
     """(frames, faces restored, seconds) of one restore of the clip."""
     t = time.perf_counter()
-    summary = run_restore([str(clip)], engine, RestoreOptions(out, video_chunk=chunk))
+    summary = run_restore([str(clip)], engine, RestoreOptions(out, video_chunk=chunk, detect_every=detect_every))
     seconds = time.perf_counter() - t
     if not summary.ok:
         raise SystemExit("restore failed: " + "; ".join(summary.failures))
@@ -73,6 +85,7 @@ def main() -> None:
     ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels)")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto")
     ap.add_argument("--min-face-size", type=int, default=20, help="restore --min-face-size: MTCNN's image pyramid starts at 12 / this")
+    ap.add_argument("--detect-every", type=int, default=DEFAULT_DETECT_EVERY, help="restore --detect-every: frames per whole-frame face search")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,15 +94,15 @@ def main() -> None:
     where = machine()
     settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
                 f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}, "
-                f"min face {args.min_face_size} px")  # fmt: skip
+                f"min face {args.min_face_size} px, detect every {args.detect_every}")  # fmt: skip
     print(f"machine: {where}")
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run(engine, make_clip(root / "warm.mp4", 1, min(args.frames, 8)), root / "warm_out", args.video_chunk)
+        run(engine, make_clip(root / "warm.mp4", 1, min(args.frames, 8)), root / "warm_out", args.video_chunk, args.detect_every)
         for n in [int(s) for s in args.faces.split(",")]:
             clip = make_clip(root / f"clip_{n}.mp4", n, args.frames)
-            frames, faces, seconds = run(engine, clip, root / f"out_{n}", args.video_chunk)
+            frames, faces, seconds = run(engine, clip, root / f"out_{n}", args.video_chunk, args.detect_every)
             what = f"end to end, generated 1080p clip, {n} face(s) per frame, {frames} frames ({faces} faces restored)"
             print(row(settings, what, f"{frames / seconds:.2f} frames/s, {faces / seconds:.2f} faces/s", where), flush=True)
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from . import __version__
 from .commands.common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device, secondary_process
 from .frames import FRAME_PATHS
+from .faces.tracking import DEFAULT_DETECT_EVERY
 from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
 
 console = Console(stderr=True)
@@ -135,7 +136,8 @@ def main() -> None:
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
 @click.option("--frame-path", type=click.Choice(FRAME_PATHS), default="auto", show_default=True, help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.")
 @click.option("--face-size", default="auto", show_default=True, metavar="auto|PIXELS", callback=_check_face_size, help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is up to about 3x faster on a CPU (less for video, where detection then takes most of the time), as close to the ground truth on faces that small, but keeping identity less well on mildly degraded ones (benchmarks/RESULTS.md).")
-def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path, face_size) -> None:
+@click.option("--detect-every", type=click.IntRange(1), default=DEFAULT_DETECT_EVERY, show_default=True, metavar="FRAMES", help="Videos: search the whole frame for faces every FRAMES frames and follow the faces found in between (several times faster on a CPU, and steadier faces); a face coming into the picture is restored at most FRAMES frames late. 1: search every frame.")
+def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path, face_size, detect_every) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
     Under torchrun (WORLD_SIZE > 1) each process restores every WORLD_SIZE-th input on its own
@@ -163,7 +165,7 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
     lead = shard.rank == 0
     if backend != "torch" and lead:
         console.print(f"backend: {engine.model.describe()}", highlight=False, soft_wrap=True, markup=False)
-    opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing)
+    opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detect_every=detect_every)
     show = lambda m: console.print(f"[red]error:[/red] {who}{escape(m)}", highlight=False, soft_wrap=True)  # noqa: E731
     with _progress() if lead else contextlib.nullcontext() as progress:
         summary = restore_shard(inputs, engine, opts, RichReporter(progress) if lead else ErrorsOnlyReporter(show), shard)

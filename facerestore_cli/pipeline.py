@@ -26,6 +26,7 @@ from . import WEIGHTS_DIR
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported: callers import them from here)
 from .faces.align import estimate_affine, face_extent, working_size
 from .faces.detector import Detector, Face, build_detector
+from .faces.tracking import DEFAULT_DETECT_EVERY, FaceTracker
 from .frames import AlignedFaces, FrameResult, resolve_frame_path, restore_frames_numpy, restore_frames_tensor
 from .media import (
     InputItem,
@@ -168,11 +169,13 @@ class FaceRestorer:
         return FrameResult(restored, [crop], [restored], 1, 1)
 
     def restore_frames(
-        self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False, keep_faces: bool = False
-    ) -> list[FrameResult]:
+        self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False, keep_faces: bool = False,
+        detector: Detector | None = None,
+    ) -> list[FrameResult]:  # fmt: skip
         """Whole frames: every detected face restored in one batch across all frames, then pasted.
-        `keep_faces` (--save-faces) also returns each face's crop and restoration."""
-        detections = self.detector.detect(list(frames))
+        `keep_faces` (--save-faces) also returns each face's crop and restoration. `detector`
+        replaces the engine's own for these frames (a video's `FaceTracker`)."""
+        detections = (detector or self.detector).detect(list(frames))
         aligned = [self._align(frame, faces, only_center_face, upscale) for frame, faces in zip(frames, detections)]
         if self.frame_path == "tensor":
             return restore_frames_tensor(frames, aligned, upscale, self.restore_crops_tensor, self.device, keep_faces)
@@ -201,6 +204,7 @@ class RestoreOptions:
     compare: bool = False
     skip_existing: bool = False
     video_chunk: int = 8
+    detect_every: int = DEFAULT_DETECT_EVERY
 
 
 @dataclass
@@ -400,10 +404,13 @@ def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterable[list[np.ndarray]]:
 def restore_video(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter) -> None:
     """One video, frame chunk by frame chunk (faces of a chunk share model batches), audio kept.
 
-    The next chunk is decoded and the previous one encoded in background threads while this
-    one is restored; their errors surface here, and the writer leaves no output behind then.
+    Faces are searched for in the whole frame every `opts.detect_every` frames and followed
+    in between (faces/tracking.py). The next chunk is decoded and the previous one encoded in
+    background threads while this one is restored; their errors surface here, and the writer
+    leaves no output behind then.
     """
     info = probe_video(item.path)
+    tracker = FaceTracker(engine.detector, opts.detect_every)
     reporter.file_started(item, info.frame_count)
     faces_before, frames = summary.faces_found, 0
     size = (round(info.width * opts.upscale), round(info.height * opts.upscale))
@@ -413,7 +420,7 @@ def restore_video(engine: FaceRestorer, item: InputItem, out: Path, opts: Restor
         WriteBehind(lambda images: _write_frames(writer, images), name="encode") as encoder,
     ):
         for chunk in chunks:
-            results = engine.restore_frames(chunk, opts.upscale, opts.only_center_face)
+            results = engine.restore_frames(chunk, opts.upscale, opts.only_center_face, detector=tracker)
             _count_faces(summary, results)
             encoder.put([r.image for r in results])
             frames += len(chunk)

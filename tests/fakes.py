@@ -109,6 +109,9 @@ class FixedFaces:
         boxes = [np.r_[lm.min(0), lm.max(0)] + pad[0] for lm in self.landmarks]
         return [make_faces(boxes, [0.99] * len(boxes), self.landmarks) for _ in images]
 
+    def follow(self, image: np.ndarray, faces: list) -> list:
+        return list(faces)  # the same faces in every image: they have not moved
+
 
 def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6) -> None:
     """A short clip of `face` (even width and height) drifting sideways, with a sine-wave audio track."""

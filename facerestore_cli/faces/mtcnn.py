@@ -141,6 +141,11 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, y1, x1 + side - 1, y1 + side - 1], dim=1)
 
 
+def _edge_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """The nets' 1-based inclusive boxes as 0-based pixel-edge boxes, the frame landmarks are in."""
+    return boxes - torch.tensor([1.0, 1.0, 0.0, 0.0], device=boxes.device)
+
+
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, thr: float) -> torch.Tensor:
     """Greedy NMS on intersection over the smaller area, per image.
 
@@ -313,19 +318,55 @@ class MTCNN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if len(boxes) == 0:
             return boxes[:, :4], boxes[:, 4], torch.zeros(0, 5, 2, device=boxes.device), idx
-        prob, reg, marks = self.onet(self._crops(groups, boxes, idx, 48))
+        prob, boxes, marks = self._onet(groups, boxes[:, :4], idx)
         keep = prob > self.thresholds[2]
-        boxes, idx, prob, reg, marks = boxes[keep, :4], idx[keep], prob[keep], reg[keep], marks[keep]
+        boxes, idx, prob, marks = boxes[keep], idx[keep], prob[keep], marks[keep]
+        keep = _nms_min(boxes, prob, idx, 0.7)
+        return _edge_boxes(boxes[keep]), prob[keep], marks[keep], idx[keep]
+
+    def _onet(self, groups: list[_Group], boxes: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """O-Net on square boxes: each one's face probability, regressed box and landmarks (N,5,2)."""
+        prob, reg, marks = self.onet(self._crops(groups, boxes, idx, 48))
         # Landmarks are fractions of the (pre-regression) box: x in the first 5, y in the last 5.
         w, h = _box_wh(boxes)
         lx = boxes[:, 0:1] + w.unsqueeze(1) * marks[:, :5] - 1
         ly = boxes[:, 1:2] + h.unsqueeze(1) * marks[:, 5:] - 1
-        marks = torch.stack([lx, ly], dim=2)
-        boxes = _regress(boxes, reg)
-        keep = _nms_min(boxes, prob, idx, 0.7)
-        # 1-based inclusive boxes -> 0-based pixel-edge boxes, the frame the landmarks are in.
-        boxes = boxes[keep] - torch.tensor([1.0, 1.0, 0.0, 0.0], device=boxes.device)
-        return boxes, prob[keep], marks[keep], idx[keep]
+        return prob, _regress(boxes, reg), torch.stack([lx, ly], dim=2)
+
+    @torch.inference_mode()
+    def refine(self, image: np.ndarray, boxes: np.ndarray) -> Detections:
+        """O-Net alone on given boxes of one image (a video's faces of the frame before, looked
+        for in this one): one result per box, in order, however low its score. The box grows
+        to a square about its centre and O-Net's regression moves it onto the face, so a face
+        that moved a fraction of its size is found again for one 48-px view, not a pyramid.
+        """
+        boxes_t = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=self.device)
+        if not len(boxes_t):
+            return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+        squares = _square(boxes_t + torch.tensor([1.0, 1.0, 0.0, 0.0], device=self.device))
+        groups, local, origins = self._regions(image, squares)
+        prob, found, marks = self._onet(groups, local, torch.arange(len(squares), device=self.device))
+        found = found + origins.repeat(1, 2)
+        marks = marks + origins[:, None, :]
+        idx = torch.zeros(len(found), dtype=torch.long)
+        return self._split(1, _edge_boxes(found), prob, marks, idx)[0]
+
+    def _regions(self, image: np.ndarray, squares: torch.Tensor) -> tuple[list[_Group], torch.Tensor, torch.Tensor]:
+        """Each square's surroundings cut from `image` as an image of its own (no float copy of a
+        whole 1080p frame for a few faces): the groups, the squares in them, and their origins."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"MTCNN expects an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+        h, w = image.shape[:2]
+        groups, origins = [], []
+        for i, (x1, y1, x2, y2) in enumerate(squares.tolist()):
+            # 1-based inclusive box -> 0-based pixel range, two pixels wider for the sampling.
+            x0, y0 = min(max(int(x1) - 3, 0), w - 1), min(max(int(y1) - 3, 0), h - 1)
+            xe, ye = max(min(int(x2) + 2, w), x0 + 1), max(min(int(y2) + 2, h), y0 + 1)
+            crop = torch.from_numpy(np.ascontiguousarray(image[None, y0:ye, x0:xe])).to(self.device)
+            groups.append(_Group(crop.permute(0, 3, 1, 2).float(), torch.tensor([i], device=self.device)))
+            origins.append([x0, y0])
+        origins_t = torch.tensor(origins, dtype=torch.float32, device=self.device)
+        return groups, squares - origins_t.repeat(1, 2), origins_t
 
     @staticmethod
     def _split(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from .detector import DetectorUnavailable, Face, make_faces
+from .detector import DetectorUnavailable, Face, make_faces, match_faces
 
 WEIGHT_FILE = "detection_Resnet50_Final.pth"
 NMS_IOU = 0.4
@@ -88,6 +88,10 @@ class RetinaFaceDetector:
             for i, faces in zip(ids, self._detect_same_size([images[i] for i in ids])):
                 results[i] = faces
         return results
+
+    def follow(self, image: np.ndarray, faces: list[Face]) -> list[Face | None]:
+        """RetinaFace has no cheap refining stage: search the whole image, keep what overlaps."""
+        return match_faces(self.detect([image])[0], faces)
 
     @torch.inference_mode()
     def _detect_same_size(self, images: list[np.ndarray]) -> list[list[Face]]:
