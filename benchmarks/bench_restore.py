@@ -7,7 +7,8 @@
 
 End to end: the whole images of ../shared/data/real_lq (read, detect, align, restore, paste,
 write) through the same `run_restore` the CLI uses, after one warm-up image. Model only: the
-restorer alone (no colour fix) on random faces at 512 px (--size), at each of --batches, after
+restorer alone (no colour fix) on random faces at the --face-size crop (auto: the model's own,
+512 for the bundled one), at each of --batches, after
 one warm-up call: the median over --repeats calls, as faces per second. Prints one Markdown row
 per setting, in the columns of benchmarks/RESULTS.md (date | machine | settings | what | result).
 """
@@ -96,11 +97,10 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batches", "--batch-sizes", type=_batches, default=[1, 16], help="model-only batch sizes [default: 1,16]")
-    ap.add_argument("--size", type=int, default=512, help="model-only face size in pixels [default: 512]")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
-    ap.add_argument("--face-size", default="auto", type=parse_face_size, help="end to end: restore --face-size (auto or pixels) [default: auto]")
+    ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path, face_size=args.face_size)
@@ -114,10 +114,10 @@ def main() -> None:
         what = f"end to end, real_lq whole images, batch 4, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
         print(row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where), flush=True)
     for b in args.batches:
-        per_face, peak = model_only(engine, b, args.repeats, args.size)
+        per_face, peak = model_only(engine, b, args.repeats, engine.face_size)
         mem = "" if peak is None else f", peak {peak:.1f} GiB"
         result = f"{1 / per_face:.2f} faces/s ({per_face * 1000:.1f} ms/face{mem})"
-        print(row(f"{settings}, median of {args.repeats}", f"model only, {args.size} px, batch {b}", result, where), flush=True)
+        print(row(f"{settings}, median of {args.repeats}", f"model only, {engine.face_size} px, batch {b}", result, where), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from .media import (
     write_image,
 )
 from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
-from .models.inference import CompiledRestorer, RestoreModel, RestorerWrapper, restore_crops, restore_crops_tensor
+from .models.inference import CompiledRestorer, RestoreModel, restore_crops, restore_crops_tensor
 from .models.precision import LOW_PRECISION, PrecisionGuard
 from .models.restorer import OneStepRestorer
 from .threads import Prefetch, WriteBehind
@@ -115,7 +115,7 @@ def face_sizes_for(model: RestoreModel, choice: str | int = "auto") -> list[int]
     size = int(choice)
     if size < cfg.size_multiple or size % cfg.size_multiple:
         raise ValueError(f"--face-size {size}: must be a multiple of {cfg.size_multiple} for this model")
-    if not isinstance(model, (torch.nn.Module, RestorerWrapper)) and size != cfg.face_size:
+    if not model.takes_any_size and size != cfg.face_size:
         raise ValueError(f"--face-size {size}: an exported engine takes only the size it was made for, {cfg.face_size} px")
     return [size]
 

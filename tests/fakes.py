@@ -129,11 +129,13 @@ def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6)
 
 class NegativeModel:
     """A `RestoreModel` whose "restoration" is the negative of the face: a change anyone can see
-    in the output, which moves no more than its input does (a grey level in, a grey level out)."""
+    in the output, which moves no more than its input does (a grey level in, a grey level out).
+    `takes_any_size=False` makes it stand in for an exported engine."""
 
-    def __init__(self, face_size: int = 64, working_sizes: tuple[int, ...] = ()):
+    def __init__(self, face_size: int = 64, working_sizes: tuple[int, ...] = (), takes_any_size: bool = True):
         from types import SimpleNamespace
 
+        self.takes_any_size = takes_any_size
         self.config = SimpleNamespace(face_size=face_size, face_sizes=sorted({*working_sizes, face_size}), size_multiple=8)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 

@@ -95,14 +95,15 @@ def test_auto_face_size_restores_small_faces_on_small_crops(upscale: float, want
 
 def test_face_size_choices() -> None:
     """auto offers every size the model knows; a forced size must suit the model's downsampling,
-    and an exported engine (anything not a torch model) takes only its own size."""
+    and an exported engine takes only its own size."""
     assert face_sizes_for(NegativeModel(FACE, working_sizes=(32,))) == [32, 64]
     assert face_sizes_for(NegativeModel(FACE), 64) == [64]
     assert face_sizes_for(tiny_restorer(FACE), 32) == [32]
     with pytest.raises(ValueError, match="multiple of 32"):
         face_sizes_for(tiny_restorer(FACE), 48)
+    assert face_sizes_for(NegativeModel(FACE), 32) == [32]
     with pytest.raises(ValueError, match="engine"):
-        face_sizes_for(NegativeModel(FACE), 32)
+        face_sizes_for(NegativeModel(FACE, takes_any_size=False), 32)
 
 
 def test_tensor_frame_path_restores_its_crops_with_the_model() -> None:

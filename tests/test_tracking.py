@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
@@ -129,3 +130,13 @@ def test_cli_detect_every(tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"faces restored\W+24\b", result.output), "the face of every one of the 24 frames"
     assert (out / "astronaut_pan.mp4").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_follow_on_cuda_matches_cpu(detector, tile):
+    faces = detector.detect([frame_with(tile, [(100, 60)])])[0]
+    moved = frame_with(tile, [(106, 63)])
+    on_cpu = detector.follow(moved, faces)[0]
+    on_gpu = build_detector("mtcnn", device="cuda").follow(moved, faces)[0]
+    assert on_cpu is not None and on_gpu is not None
+    np.testing.assert_allclose(on_gpu.landmarks, on_cpu.landmarks, atol=1.0)

@@ -34,7 +34,7 @@ def require_onnxruntime():
 class OnnxBackend:
     """An ONNX export run by onnxruntime: CUDA when asked for and available, else the CPU."""
 
-    dtype = torch.float32
+    dtype, takes_any_size = torch.float32, False
 
     def __init__(self, path: Path, meta: EngineMeta, device: torch.device) -> None:
         ort = require_onnxruntime()
@@ -86,7 +86,7 @@ class TensorRTBackend:
     """A serialised TensorRT engine run on torch's CUDA stream. UNTESTED: written for TensorRT 10,
     never run (no NVIDIA GPU on the machines this was developed and tested on)."""
 
-    dtype = torch.float32
+    dtype, takes_any_size = torch.float32, False
 
     def __init__(self, path: Path, meta: EngineMeta, device: torch.device) -> None:
         trt = require_tensorrt()

@@ -5,7 +5,7 @@ Whole-frame detection is the slowest step of restoring a video on a CPU (MTCNN t
 little from one frame to the next, so between whole-frame searches each known face is only
 followed: the detector's `follow` looks for it where it was (MTCNN: its last stage alone on
 the last box, a few milliseconds). Followed landmarks are also steadier from frame to frame
-than new searches, so the aligned crops, and the restored faces, wobble less.
+than new searches, so the aligned crops wobble less.
 
 A whole-frame search runs every `detect_every` frames, so a face that comes into the picture
 (or one a search missed) is found at most that many frames late, and at once on any frame where a followed face is lost

@@ -29,9 +29,12 @@ class RestoreModel(Protocol):
     """What restoring needs of a model: `OneStepRestorer` or an exported engine's backend.
 
     Called on Bx3xHxW in [-1, 1] on `device` in `dtype`; `config.face_size` is the crop size.
+    `takes_any_size`: a torch model takes any multiple of its downsampling (`--face-size`); an
+    exported engine only the size it was built for.
     """
 
     config: RestorerConfig
+    takes_any_size: bool
 
     @property
     def device(self) -> torch.device: ...
@@ -140,6 +143,7 @@ class RestorerWrapper:
     config, device and dtype through, so they are `RestoreModel`s too."""
 
     restorer: OneStepRestorer
+    takes_any_size = True
 
     @property
     def config(self) -> RestorerConfig:

@@ -162,6 +162,8 @@ def _check_folder(path: Path, what: str) -> None:
 class OneStepRestorer(nn.Module):
     """VAE encoder -> one UNet step at a fixed timestep -> VAE decoder, on [-1, 1] images."""
 
+    takes_any_size = True  # fully convolutional: any multiple of the VAE's downsampling
+
     def __init__(
         self,
         config: RestorerConfig,
