@@ -23,6 +23,18 @@ _POLL_S = 0.05
 _ITEM, _END, _ERROR = "item", "end", "error"
 
 
+def _put_while(q: queue.Queue, message: tuple[str, object], waiting: Callable[[], bool]) -> bool:
+    """Put `message` on `q`, waiting while it is full for as long as `waiting()` holds (checked
+    every _POLL_S, so a stop or an error is noticed); False if it stopped holding first."""
+    while waiting():
+        try:
+            q.put(message, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class Prefetch(Generic[T]):
     """Iterate `source` in a background thread, at most `depth` items ahead of the consumer.
 
@@ -43,13 +55,7 @@ class Prefetch(Generic[T]):
 
     def _put(self, kind: str, value: object) -> bool:
         """Queue one message, waiting while the queue is full; False once asked to stop."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put((kind, value), timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put_while(self._queue, (kind, value), lambda: not self._stop.is_set())
 
     def _run(self) -> None:
         iterator: Iterator[T] | None = None
@@ -132,26 +138,19 @@ class WriteBehind(Generic[T]):
             self._stop.set()
             raise err
 
+    def _writing(self) -> bool:
+        """Whether the thread still writes; raises the sink's error, if it had one."""
+        self._raise_error()
+        return self._thread.is_alive()
+
     def put(self, item: T) -> None:
         """Queue one item, waiting while `depth` items are queued; raises the sink's error, if any."""
-        while True:
-            self._raise_error()
-            if not self._thread.is_alive():
-                raise RuntimeError("WriteBehind is closed")
-            try:
-                self._queue.put((_ITEM, item), timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
+        if not _put_while(self._queue, (_ITEM, item), self._writing):
+            raise RuntimeError("WriteBehind is closed")
 
     def close(self) -> None:
         """Write everything queued, stop the thread, and raise the sink's error if it had one."""
-        while self._thread.is_alive():
-            try:
-                self._queue.put((_END, None), timeout=_POLL_S)
-                break
-            except queue.Full:
-                continue
+        _put_while(self._queue, (_END, None), self._thread.is_alive)
         self._thread.join()
         self._raise_error()
 
