@@ -99,11 +99,12 @@ def main() -> None:
     ap.add_argument("--batches", "--batch-sizes", type=_batches, default=[1, 16], help="model-only batch sizes [default: 1,16]")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
+    ap.add_argument("--batch-size", type=int, default=4, help="end to end: restore --batch-size, faces per model call and photos restored together [default: 4]")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
     ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=4, frame_path=args.frame_path, face_size=args.face_size)
+    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size)
     where = machine()
     name = (args.model or DEFAULT_MODEL).name
     settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}, face size {args.face_size} ({'/'.join(map(str, engine.sizes))} px)"
@@ -111,7 +112,7 @@ def main() -> None:
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     if not args.model_only:
         e2e = end_to_end(engine, whole_images())
-        what = f"end to end, real_lq whole images, batch 4, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
+        what = f"end to end, real_lq whole images, batch {args.batch_size}, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
         print(row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where), flush=True)
     for b in args.batches:
         per_face, peak = model_only(engine, b, args.repeats, engine.face_size)

@@ -162,11 +162,11 @@ class FaceRestorer:
         """The same for a uint8 Nx3xSxS tensor; uint8 out on the model's device."""
         return restore_crops_tensor(self.model, crops, self.batch_size, self.color_fix)
 
-    def restore_aligned(self, image: np.ndarray) -> FrameResult:
-        """An input that is already an aligned face: resize to the model's size and restore."""
-        crop = image if image.shape[:2] == (self.face_size,) * 2 else resize_image(image, size=(self.face_size, self.face_size))
-        restored = self.restore_crops([crop])[0]
-        return FrameResult(restored, [crop], [restored], 1, 1)
+    def restore_aligned(self, images: Sequence[np.ndarray]) -> list[FrameResult]:
+        """Inputs that are already aligned faces: each resized to the model's size, restored together."""
+        side = (self.face_size, self.face_size)
+        crops = [im if im.shape[:2] == side else resize_image(im, size=side) for im in images]
+        return [FrameResult(r, [c], [r], 1, 1) for c, r in zip(crops, self.restore_crops(crops))]
 
     def restore_frames(
         self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False, keep_faces: bool = False,
@@ -373,13 +373,43 @@ def _save_extras(opts: RestoreOptions, item: InputItem, img: LoadedImage, result
         write_image(output_path_for(item, opts.outdir / "compare"), side_by_side(img.rgb, result.image), like=img)
 
 
-def restore_image(engine: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary) -> None:
-    """One photo: restore its faces and write it (with --save-faces / --compare extras)."""
-    img = read_image(item.path)
+def restore_photos(engine: FaceRestorer, photos: Sequence[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary,
+                   reporter: Reporter) -> None:  # fmt: skip
+    """Photos restored together (as many as --batch-size): read each, detect in one call and
+    restore the faces of all in shared model batches, so a folder of one-face portraits fills
+    the model's batches as a video's frames do; then write each. A photo that cannot be read or
+    written fails alone; if restoring them together fails, each is restored alone, so the error
+    names its file and the others are still written."""
+    loaded = []
+    for item, out in photos:
+        reporter.file_started(item, None)
+        try:
+            loaded.append((item, out, read_image(item.path)))
+        except Exception as err:
+            _fail(summary, reporter, _message(item, err))
+            reporter.file_done(item)
+    try:
+        results: list[FrameResult | None] = _restore_images(engine, [img for _, _, img in loaded], opts)
+    except Exception:
+        results = [None] * len(loaded)
+    for (item, out, img), result in zip(loaded, results):
+        try:
+            alone = result if result is not None else _restore_images(engine, [img], opts)[0]
+            _write_photo(item, out, img, alone, opts, summary)
+        except Exception as err:
+            _fail(summary, reporter, _message(item, err))
+        reporter.file_done(item)
+
+
+def _restore_images(engine: FaceRestorer, images: Sequence[LoadedImage], opts: RestoreOptions) -> list[FrameResult]:
+    rgbs = [img.rgb for img in images]
     if opts.aligned:
-        result = engine.restore_aligned(img.rgb)
-    else:
-        result = engine.restore_frames([img.rgb], opts.upscale, opts.only_center_face, keep_faces=opts.save_faces)[0]
+        return engine.restore_aligned(rgbs)
+    return engine.restore_frames(rgbs, opts.upscale, opts.only_center_face, keep_faces=opts.save_faces)
+
+
+def _write_photo(item: InputItem, out: Path, img: LoadedImage, result: FrameResult, opts: RestoreOptions, summary: Summary) -> None:
+    """One restored photo written (with --save-faces / --compare extras) and counted."""
     no_face = _count_faces(summary, [result]) == 0
     summary.files_without_faces += no_face
     if no_face and opts.upscale == 1:
@@ -457,6 +487,7 @@ def run_restore(
         _fail(summary, reporter, str(err))
         return summary
     reporter.start(len(items))
+    photos: list[tuple[InputItem, Path]] = []  # restored together, --batch-size at a time
     for item in items:
         summary.files += 1
         try:
@@ -464,17 +495,32 @@ def run_restore(
             if opts.skip_existing and out.exists():
                 summary.skipped += 1
             elif item.kind == "video":
+                photos = _flush(engine, photos, opts, summary, reporter)  # inputs are done in order
                 restore_video(engine, item, out, opts, summary, reporter)
             else:
-                reporter.file_started(item, None)
-                restore_image(engine, item, out, opts, summary)
-        except MediaError as err:
-            _fail(summary, reporter, str(err))
+                photos.append((item, out))
+                if len(photos) == engine.batch_size:
+                    photos = _flush(engine, photos, opts, summary, reporter)
+                continue  # restore_photos reports it done
         except Exception as err:  # one broken file must not stop a batch of thousands
-            _fail(summary, reporter, f"{item.path}: {type(err).__name__}: {err}")
+            _fail(summary, reporter, _message(item, err))
         reporter.file_done(item)
+    _flush(engine, photos, opts, summary, reporter)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _flush(engine: FaceRestorer, photos: list[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary,
+           reporter: Reporter) -> list[tuple[InputItem, Path]]:  # fmt: skip
+    """Restore the photos waiting, if any; returns the (now empty) list of photos waiting."""
+    if photos:
+        restore_photos(engine, photos, opts, summary, reporter)
+    return []
+
+
+def _message(item: InputItem, err: Exception) -> str:
+    """The one-line error for a file: media errors name the file and reason already."""
+    return str(err) if isinstance(err, MediaError) else f"{item.path}: {type(err).__name__}: {err}"
 
 
 def restore_shard(specs: Sequence[str], engine: FaceRestorer, opts: RestoreOptions, reporter: Reporter, shard: Shard) -> Summary:

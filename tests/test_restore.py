@@ -71,6 +71,44 @@ def test_whole_images_faces_restored_background_untouched(engine, real: Path, tm
         assert diff.mean() > 1.0 and (diff.max(axis=2) > 0).mean() > 0.5, f"face in {path.name} was not restored"
 
 
+def test_photos_restored_together_match_one_by_one(engine, real: Path, tmp_path: Path) -> None:
+    """Photos share detector calls and model batches (--batch-size of them at a time); each
+    comes out as it does restored alone."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in [*WHOLE, GREY, ALIGNED]:
+        cv2.imwrite(str(src / (Path(name).stem + ".png")), cv2.imread(str(real / name)))
+    together = run_restore([str(src)], engine, RestoreOptions(tmp_path / "together"))
+    assert together.ok and together.images == 4
+    faces = 0
+    for path in sorted(src.iterdir()):
+        alone = run_restore([str(path)], engine, RestoreOptions(tmp_path / "alone"))
+        faces += alone.faces_restored
+        a = read_image(tmp_path / "together" / path.name).rgb.astype(int)
+        b = read_image(tmp_path / "alone" / path.name).rgb.astype(int)
+        assert np.abs(a - b).max() <= 2, path.name
+    assert faces == together.faces_restored
+
+
+def test_a_photo_that_fails_to_restore_fails_alone(engine, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in WHOLE:
+        shutil.copy(real / name, src / Path(name).name)
+    cv2.imwrite(str(src / "cursed.png"), cv2.imread(str(real / WHOLE[0]))[:101])
+    restore_frames = engine.restore_frames
+
+    def fails_on_101_rows(frames, *args, **kwargs):
+        if any(f.shape[0] == 101 for f in frames):
+            raise RuntimeError("out of memory")
+        return restore_frames(frames, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "restore_frames", fails_on_101_rows)
+    summary = run_restore([str(src)], engine, RestoreOptions(tmp_path / "out"))
+    assert summary.failures == [f"{src / 'cursed.png'}: RuntimeError: out of memory"]
+    assert summary.images == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(Path(n).name for n in WHOLE)
+
+
 def test_alpha_grey_and_aligned_inputs(engine, real: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = run_restore([str(real / RGBA), str(real / GREY)], engine, RestoreOptions(out))
