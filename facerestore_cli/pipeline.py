@@ -50,6 +50,9 @@ from .models.restorer import OneStepRestorer
 from .threads import Prefetch, WriteBehind
 
 DEFAULT_MODEL = WEIGHTS_DIR / "restorer-tiny"
+#: Photos restored together hold at most this many pixels (detection holds them as float on
+#: the device: about 0.6 GB), so a big --batch-size on a folder of 24-MP photos still fits.
+PHOTO_GROUP_PIXELS = 50_000_000
 
 
 def load_restorer(
@@ -388,17 +391,33 @@ def restore_photos(engine: FaceRestorer, photos: Sequence[tuple[InputItem, Path]
         except Exception as err:
             _fail(summary, reporter, _message(item, err))
             reporter.file_done(item)
-    try:
-        results: list[FrameResult | None] = _restore_images(engine, [img for _, _, img in loaded], opts)
-    except Exception:
-        results = [None] * len(loaded)
-    for (item, out, img), result in zip(loaded, results):
+    for group in _within_pixels(loaded, PHOTO_GROUP_PIXELS):
         try:
-            alone = result if result is not None else _restore_images(engine, [img], opts)[0]
-            _write_photo(item, out, img, alone, opts, summary)
-        except Exception as err:
-            _fail(summary, reporter, _message(item, err))
-        reporter.file_done(item)
+            results: list[FrameResult | None] = _restore_images(engine, [img for _, _, img in group], opts)
+        except Exception:
+            results = [None] * len(group)
+        for (item, out, img), result in zip(group, results):
+            try:
+                alone = result if result is not None else _restore_images(engine, [img], opts)[0]
+                _write_photo(item, out, img, alone, opts, summary)
+            except Exception as err:
+                _fail(summary, reporter, _message(item, err))
+            reporter.file_done(item)
+
+
+def _within_pixels(photos: list[tuple[InputItem, Path, LoadedImage]], budget: int) -> Iterable[list[tuple[InputItem, Path, LoadedImage]]]:
+    """Consecutive groups of photos of at most `budget` pixels together (a bigger photo alone)."""
+    group: list[tuple[InputItem, Path, LoadedImage]] = []
+    pixels = 0
+    for photo in photos:
+        size = photo[2].rgb.shape[0] * photo[2].rgb.shape[1]
+        if group and pixels + size > budget:
+            yield group
+            group, pixels = [], 0
+        group.append(photo)
+        pixels += size
+    if group:
+        yield group
 
 
 def _restore_images(engine: FaceRestorer, images: Sequence[LoadedImage], opts: RestoreOptions) -> list[FrameResult]:

@@ -109,6 +109,19 @@ def test_a_photo_that_fails_to_restore_fails_alone(engine, real: Path, tmp_path:
     assert summary.images == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(Path(n).name for n in WHOLE)
 
 
+def test_big_photos_are_not_restored_together(engine, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Photos together stay within PHOTO_GROUP_PIXELS (device memory for detection)."""
+    import facerestore_cli.pipeline as pipeline
+
+    calls = []
+    restore_frames = engine.restore_frames
+    monkeypatch.setattr(engine, "restore_frames", lambda frames, *a, **k: calls.append(len(frames)) or restore_frames(frames, *a, **k))
+    sizes = [read_image(real / name).rgb.shape for name in WHOLE]
+    monkeypatch.setattr(pipeline, "PHOTO_GROUP_PIXELS", sizes[0][0] * sizes[0][1] + sizes[1][0] * sizes[1][1] - 1)
+    summary = run_restore([str(real / name) for name in WHOLE], engine, RestoreOptions(tmp_path / "out"))
+    assert summary.ok and summary.images == 2 and calls == [1, 1]
+
+
 def test_alpha_grey_and_aligned_inputs(engine, real: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = run_restore([str(real / RGBA), str(real / GREY)], engine, RestoreOptions(out))
