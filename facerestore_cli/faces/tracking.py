@@ -8,9 +8,10 @@ the last box, a few milliseconds). Followed landmarks are also steadier from fra
 than new searches, so the aligned crops wobble less.
 
 A whole-frame search runs every `detect_every` frames, so a face that comes into the picture
-(or one a search missed) is found at most that many frames late, and at once on any frame where a followed face is lost
-(a cut, an occlusion, a face leaving the picture, two faces merging into one). Followed faces
-the search finds too keep their followed landmarks, so their crops do not jump at each search.
+(or one a search missed) is found at most that many frames late; and one runs at once on any
+frame where a followed face is lost (a cut, an occlusion, a face leaving the picture, two faces
+merging into one). Followed faces the search finds too keep their followed landmarks, so their
+crops do not jump at each search; followed faces it does not find are dropped.
 """
 
 from __future__ import annotations
