@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from facerestore_cli.media import IMAGE_EXTS
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_face_size, run_restore
+from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_batch_size, parse_face_size, run_restore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_lq"
 WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffBIR/inputs/demo/bfr/whole_img"]
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--batches", "--batch-sizes", type=_batches, default=[1, 16], help="model-only batch sizes [default: 1,16]")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
-    ap.add_argument("--batch-size", type=int, default=4, help="end to end: restore --batch-size, faces per model call and photos restored together [default: 4]")
+    ap.add_argument("--batch-size", type=parse_batch_size, default="auto", help="end to end: restore --batch-size, faces per model call and photos restored together [default: auto]")
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
     ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]")
     args = ap.parse_args()
@@ -112,7 +112,7 @@ def main() -> None:
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     if not args.model_only:
         e2e = end_to_end(engine, whole_images())
-        what = f"end to end, real_lq whole images, batch {args.batch_size}, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
+        what = f"end to end, real_lq whole images, batch {engine.batch_size}, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
         print(row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where), flush=True)
     for b in args.batches:
         per_face, peak = model_only(engine, b, args.repeats, engine.face_size)

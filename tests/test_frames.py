@@ -22,7 +22,7 @@ from facerestore_cli.faces.tensor_align import resize_tensor
 from facerestore_cli.frames import resolve_frame_path
 from facerestore_cli.media import MediaError, VideoWriter, probe_video, read_video_frames, resize_image
 from facerestore_cli.models.inference import restore_crops
-from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, face_sizes_for, run_restore
+from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, face_sizes_for, parse_batch_size, resolve_batch_size, run_restore
 from facerestore_cli.threads import Prefetch, WriteBehind
 
 from fakes import FixedFaces, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
@@ -104,6 +104,18 @@ def test_face_size_choices() -> None:
     assert face_sizes_for(NegativeModel(FACE), 32) == [32]
     with pytest.raises(ValueError, match="engine"):
         face_sizes_for(NegativeModel(FACE, takes_any_size=False), 32)
+
+
+def test_batch_size_choices() -> None:
+    """auto on a CPU: 1 face per call at 512 px, 4 at 256 (what measured fastest on 2 cores)."""
+    cpu = torch.device("cpu")
+    assert [resolve_batch_size("auto", cpu, s) for s in (512, 256, 128)] == [1, 4, 16]
+    assert resolve_batch_size(6, cpu, 512) == 6
+    assert FaceRestorer(NegativeModel(FACE), FixedFaces([]), batch_size="auto").batch_size == 64
+    assert parse_batch_size("3") == 3 and parse_batch_size("auto") == "auto"
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(ValueError, match="whole number"):
+            parse_batch_size(bad)
 
 
 def test_tensor_frame_path_restores_its_crops_with_the_model() -> None:
