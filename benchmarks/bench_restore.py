@@ -8,9 +8,9 @@
 End to end: the whole images of ../shared/data/real_lq (read, detect, align, restore, paste,
 write) through the same `run_restore` the CLI uses, after one warm-up image. Model only: the
 restorer alone (no colour fix) on random faces at the --face-size crop (auto: the model's own,
-512 for the bundled one), at each of --batches, after
-one warm-up call: the median over --repeats calls, as faces per second. Prints one Markdown row
-per setting, in the columns of benchmarks/RESULTS.md (date | machine | settings | what | result).
+512 for the bundled one), at each of --batches, after one warm-up call: the median over
+--repeats calls, as faces per second. Prints one Markdown row per setting, in the columns of
+benchmarks/RESULTS.md (date | machine | settings | what | result).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerestore_cli.evaluate import _resize, find_pairs
+from facerestore_cli.evaluate import find_pairs, resize_for_scoring
 from facerestore_cli.media import read_image
 from facerestore_cli.metrics.registry import create_metric
 from facerestore_cli.models.inference import restore_crops
@@ -38,7 +38,7 @@ DECIMALS = {"ssim": 3, "identity": 4, "identity_dist": 4}
 
 def shrink(rgb: np.ndarray, size: int) -> np.ndarray:
     """To size x size: area averaging when shrinking, bicubic when growing (as the aligner warps)."""
-    return _resize(rgb, (size, size))
+    return resize_for_scoring(rgb, (size, size))
 
 
 def timed(fn, *args) -> tuple[list[np.ndarray], float]:

@@ -30,13 +30,13 @@ from facerestore_cli.evaluate import (
     EvalInputError,
     _labelled_grid,
     _restore,
-    _resize,
     _single_thread,
     _to_tensor01,
     _to_uint8,
     _write_png,
     bicubic_unsharp,
     load_restorers,
+    resize_for_scoring,
 )
 from facerestore_cli.faces import build_detector, estimate_affine, warp_faces
 from facerestore_cli.media import MediaError, read_image
@@ -124,7 +124,7 @@ def make_grid(out: Path, models: list[Path], source: Path | None, device: str, c
         for method, img in outputs.items():
             scores = " | ".join(f"{metric(img, hq):.{2 if key == 'psnr' else 3}f}" for key, metric in scorers.items())
             print(f"| {name} | {describe(params)} | {method} | {scores} |")
-        first = _caption(_resize(lq, (GRID_TILE, GRID_TILE)), [name, describe(params)])
+        first = _caption(resize_for_scoring(lq, (GRID_TILE, GRID_TILE)), [name, describe(params)])
         rows.append([first, *list(outputs.values())[1:], hq])
     _write_png(out, _labelled_grid(rows, labels))
     print(f"grid: {out}")

@@ -42,16 +42,15 @@ def _checked(parse: Callable[[str], object], keep_text: bool = False) -> Callabl
     return callback
 
 
-def _check_face_size(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
-    from .pipeline import parse_face_size
+def _pipeline_parser(name: str) -> Callable[[str], object]:
+    """pipeline.`name`, imported at first use: pipeline loads diffusers, too slow for --help."""
 
-    return _checked(parse_face_size)(ctx, param, value)
+    def parse(value: str) -> object:
+        from . import pipeline
 
+        return getattr(pipeline, name)(value)
 
-def _check_batch_size(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
-    from .pipeline import parse_batch_size
-
-    return _checked(parse_batch_size)(ctx, param, value)
+    return parse
 
 
 def color_fix_option(help: str):
@@ -130,7 +129,7 @@ def main() -> None:
 @click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="fp16 needs CUDA.")
-@click.option("--batch-size", default="auto", show_default=True, metavar="auto|N", callback=_check_batch_size, help="Faces restored per model call; also how many photos are read and restored together (their faces share batches). auto: on a CPU 1 at 512 px, 4 at 256 (what measured fastest on 2 cores), on a GPU 4.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="auto|N", callback=_checked(_pipeline_parser("parse_batch_size")), help="Faces restored per model call; also how many photos are read and restored together (their faces share batches). auto: on a CPU 1 at 512 px, 4 at 256 (what measured fastest on 2 cores), on a GPU 4.")
 @color_fix_option("Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain).")
 @click.option("--upscale", type=click.FloatRange(1, 8), default=1.0, show_default=True, help="Scale the whole image by this factor.")
 @click.option("--only-center-face", is_flag=True, help="Restore only the face nearest the image centre.")
@@ -145,7 +144,7 @@ def main() -> None:
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
 @click.option("--frame-path", type=click.Choice(FRAME_PATHS), default="auto", show_default=True, help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.")
-@click.option("--face-size", default="auto", show_default=True, metavar="auto|PIXELS", callback=_check_face_size, help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is up to about 3x faster on a CPU (less for video, where detection then takes most of the time), as close to the ground truth on faces that small, but keeping identity less well on mildly degraded ones (benchmarks/RESULTS.md).")
+@click.option("--face-size", default="auto", show_default=True, metavar="auto|PIXELS", callback=_checked(_pipeline_parser("parse_face_size")), help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is up to about 3x faster on a CPU (less for video, where detection then takes most of the time), as close to the ground truth on faces that small, but keeping identity less well on mildly degraded ones (benchmarks/RESULTS.md).")
 @click.option("--detect-every", type=click.IntRange(1), default=DEFAULT_DETECT_EVERY, show_default=True, metavar="FRAMES", help="Videos: search the whole frame for faces every FRAMES frames and follow the faces found in between (several times less detection time on a CPU); a face coming into the picture is restored at most FRAMES frames late. 1: search every frame.")
 def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path, face_size, detect_every) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.

@@ -125,8 +125,10 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _resize(rgb: np.ndarray, size: tuple[int, int], interp: int | None = None) -> np.ndarray:
-    """Resize to (height, width): area when shrinking, bicubic when enlarging, unless told."""
+def resize_for_scoring(rgb: np.ndarray, size: tuple[int, int], interp: int | None = None) -> np.ndarray:
+    """Resize to (height, width): area when shrinking, bicubic when enlarging, unless told. How
+    test sets are brought to the model's size for scoring; `media.resize_image` (Lanczos up)
+    is for what `restore` writes, and the recorded eval numbers depend on this one's filter."""
     h, w = size
     if rgb.shape[:2] == (h, w):
         return rgb
@@ -190,7 +192,7 @@ def degrade_folder(
                 summary.unreadable.append(rel)
                 continue
             if size:
-                hq = _resize(hq, (size, size))
+                hq = resize_for_scoring(hq, (size, size))
             s = image_seed(seed, rel)
             with torch.no_grad(), _single_thread():
                 lq_t, params = Degrader(cfg, seed=s)(_to_tensor01(hq))
@@ -299,7 +301,7 @@ def unsharp(rgb: np.ndarray, sigma: float = 2.0, amount: float = 0.6) -> np.ndar
 
 def bicubic_unsharp(lq: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The classical baseline: bicubic to the output size, then an unsharp mask."""
-    return unsharp(_resize(lq, size, cv2.INTER_CUBIC))
+    return unsharp(resize_for_scoring(lq, size, cv2.INTER_CUBIC))
 
 
 def _check_baselines(baselines: Iterable[str]) -> list[str]:
@@ -493,8 +495,8 @@ def _read_batch(items: list[EvalItem], size: int | None) -> _Batch:
         targets = [(size, size)] * len(items)
     else:
         targets = [im.shape[:2] for im in (hqs if hqs is not None else lqs)]
-    inputs = [_resize(im, t, cv2.INTER_CUBIC) for im, t in zip(lqs, targets)]
-    refs = [_resize(im, t) for im, t in zip(hqs, targets)] if hqs is not None else None
+    inputs = [resize_for_scoring(im, t, cv2.INTER_CUBIC) for im, t in zip(lqs, targets)]
+    refs = [resize_for_scoring(im, t) for im, t in zip(hqs, targets)] if hqs is not None else None
     return _Batch(items, lqs, targets, inputs, refs)
 
 
@@ -550,7 +552,7 @@ def _labelled_grid(rows: list[list[np.ndarray]], labels: list[str], tile: int = 
     header = np.full((28, tile * len(labels), 3), 255, np.uint8)
     for i, text in enumerate(labels):
         cv2.putText(header, text[:28], (i * tile + 6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    body = [np.concatenate([_resize(im, (tile, tile)) for im in row], 1) for row in rows]
+    body = [np.concatenate([resize_for_scoring(im, (tile, tile)) for im in row], 1) for row in rows]
     return np.concatenate([header, *body], 0)
 
 

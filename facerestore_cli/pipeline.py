@@ -93,27 +93,24 @@ def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, war
     return runner
 
 
+def _auto_or_int(value: str | int, minimum: int, what: str) -> str | int:
+    """"auto", or a whole number of at least `minimum`; else a ValueError asking for `what`."""
+    if value == "auto":
+        return value
+    if not str(value).isdigit() or int(value) < minimum:
+        raise ValueError(f"{value!r}: give auto or {what}")
+    return int(value)
+
+
 def parse_face_size(value: str | int) -> str | int:
     """`--face-size` as given: "auto" or a whole number of pixels (>= 16); ValueError otherwise.
     Whether the number suits the model is checked once it is loaded (`face_sizes_for`)."""
-    if value == "auto":
-        return value
-    try:
-        size = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r}: give auto or a crop size in pixels, e.g. 512") from None
-    if size < 16:
-        raise ValueError(f"{size}: a face crop must be at least 16 px")
-    return size
+    return _auto_or_int(value, 16, "a crop size in pixels of at least 16, e.g. 512")
 
 
 def parse_batch_size(value: str | int) -> str | int:
     """`--batch-size` as given: "auto" or a whole number of faces (>= 1); ValueError otherwise."""
-    if value == "auto":
-        return value
-    if not str(value).isdigit() or int(value) < 1:
-        raise ValueError(f"{value!r}: give auto or a whole number of faces, at least 1")
-    return int(value)
+    return _auto_or_int(value, 1, "a whole number of faces, at least 1")
 
 
 def face_sizes_for(model: RestoreModel, choice: str | int = "auto") -> list[int]:
