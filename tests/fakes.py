@@ -13,6 +13,22 @@ import torch
 TINY_FRM = {"image_size": 32, "channels": [8, 16], "embed_dim": 16}
 
 
+def assert_images_close(got, want, levels: int = 1, fraction: float = 0.005, what: str = "") -> None:
+    """Restored uint8 images that two computation paths should agree on (another batching, the
+    fp32 decoder retry, a merged LoRA): on another CPU or torch build, float rounding moves a few
+    pixels by one grey level (seen on an AMD EPYC: 0.016 % of a face), so every pixel may be off
+    by `levels`, and at most `fraction` of them at all. A real regression (a bf16 decoder where an
+    fp32 one belongs, a wrong batch, a missing adapter) moves most pixels and fails both."""
+    got, want = list(got), list(want)
+    assert len(got) == len(want), f"{what}: {len(got)} images, expected {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape, f"{what}: image {i} is {a.shape}, expected {b.shape}"
+        diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
+        off = float((diff > 0).mean())
+        assert diff.max() <= levels and off <= fraction, f"{what}: image {i}: max {diff.max()} grey levels off, on {off:.3%} of pixels"
+
+
 def face_like(size: int, seed: int) -> np.ndarray:
     """A smooth random uint8 RGB image: multi-scale noise with the soft structure of a photo."""
     rng = np.random.default_rng(seed)

@@ -26,7 +26,7 @@ from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
 from facerestore_cli.pipeline import Shard, Summary, fast_torch_model, merge_summaries
 
-from fakes import face_like, free_port, randomize_fusion, tiny_model_config
+from fakes import assert_images_close, face_like, free_port, randomize_fusion, tiny_model_config
 
 FACE = 64
 SLOW = os.environ.get("FACERESTORE_SLOW_TESTS") == "1"
@@ -115,7 +115,7 @@ def test_decoder_overflow_is_redone_with_fp32_decoder(model_dir: Path, monkeypat
         x = to_tensor(faces, torch.device("cpu"), torch.float32).to(torch.bfloat16)
         z0 = unpatched.denoise_latent(unpatched.encode(x))
         want = unpatched.vae.float().decode(z0.float() / unpatched.vae.config.scaling_factor).sample.clamp(-1, 1)
-    assert all(np.array_equal(a, b) for a, b in zip(out, to_uint8(want)))
+    assert_images_close(out, to_uint8(want), what="bf16 encoder and UNet, fp32 decoder")
     ref = restore_crops(load(model_dir), faces, batch_size=2, method="none")
     assert np.abs(np.stack(out).astype(int) - np.stack(ref)).mean() < 5, "and near the fp32 model"
 
@@ -142,7 +142,7 @@ def test_still_bad_batch_is_redone_in_fp32_and_model_stays_low(model_dir: Path, 
     faces = crops(2)
     out = restore_crops(guard, faces, batch_size=2)
     ref = restore_crops(same_weights_fp32, faces, batch_size=2)
-    assert all(np.array_equal(a, b) for a, b in zip(out, ref)), "the retry must be the fp32 result"
+    assert_images_close(out, ref, what="the retry must be the fp32 result")
     assert len(warnings) == 1 and "whole model in fp32" in warnings[0]
     assert low.dtype == torch.bfloat16 and low.unet.dtype == torch.bfloat16
 
@@ -189,7 +189,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(model_dir: Path) -
     assert out and not runner.compiled and len(warnings) == 1
     assert warnings[0].startswith("--compile: torch.compile failed (") and "no working C++ compiler" in warnings[0]
     assert warnings[0].endswith("; running eager") and "\n" not in warnings[0]
-    assert all(np.array_equal(a, b) for a, b in zip(out, restore_crops(load(model_dir), crops(3), batch_size=2)))
+    assert_images_close(out, restore_crops(load(model_dir), crops(3), batch_size=2), what="eager fallback")
 
 
 def test_guard_over_compiled_model_recompiles_for_the_fp32_decoder(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +203,7 @@ def test_guard_over_compiled_model_recompiles_for_the_fp32_decoder(model_dir: Pa
     out = restore_crops(PrecisionGuard(low, runner, warnings.append), crops(2), batch_size=2)
     assert runner.compiled and len(warnings) == 1 and "decoder" in warnings[0], warnings
     want = restore_crops(PrecisionGuard(plain, warn=lambda m: None), crops(2), batch_size=2)
-    assert all(np.array_equal(a, b) for a, b in zip(out, want))
+    assert_images_close(out, want, what="compiled fp32 decoder retry")
 
 
 @pytest.mark.skipif(not SLOW, reason="compiling even a tiny model with inductor takes minutes on a small CPU; set FACERESTORE_SLOW_TESTS=1")

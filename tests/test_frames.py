@@ -25,7 +25,7 @@ from facerestore_cli.models.inference import restore_crops
 from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, face_sizes_for, parse_batch_size, resolve_batch_size, run_restore
 from facerestore_cli.threads import Prefetch, WriteBehind
 
-from fakes import FixedFaces, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
+from fakes import FixedFaces, assert_images_close, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
 
 FACE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +126,8 @@ def test_tensor_frame_path_restores_its_crops_with_the_model() -> None:
     results = engine.restore_frames(frames(), keep_faces=True)
     crops, restored = [c for r in results for c in r.crops], [f for r in results for f in r.restored]
     want = restore_crops(model, crops, batch_size=3)  # the same batches: the chunk's 4 faces as 3 + 1
-    assert len(want) == len(restored) == 4 and all(np.array_equal(a, b) for a, b in zip(want, restored))
+    assert len(want) == len(restored) == 4
+    assert_images_close(restored, want, what="tensor frame path")
 
 
 def test_tensor_frame_path_keeps_faces_on_the_device_unless_asked() -> None:

@@ -100,8 +100,11 @@ def test_a_follow_the_search_does_not_confirm_is_dropped():
 def test_detect_every_1_is_the_plain_detector(detector, tile):
     frames = [frame_with(tile, [(30 + 4 * i, 40)], noise=4, seed=i) for i in range(3)]
     tracked = FaceTracker(detector, detect_every=1).detect(frames)
-    for t, s in zip(tracked, detector.detect(frames)):
-        assert [f.landmarks.tolist() for f in t] == [f.landmarks.tolist() for f in s]
+    searched = detector.detect(frames)
+    assert [len(f) for f in tracked] == [len(f) for f in searched]
+    for t, s in zip(tracked, searched):  # the same search; a tolerance for another CPU's batching
+        for a, b in zip(t, s):
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
     with pytest.raises(ValueError, match="at least 1"):
         FaceTracker(detector, detect_every=0)
 
