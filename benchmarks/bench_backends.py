@@ -26,7 +26,7 @@ from facerestore_cli.export.backends import OnnxBackend, TensorRTBackend
 from facerestore_cli.export.engines import cached_onnx, cached_tensorrt
 from facerestore_cli.export.meta import read_meta
 from facerestore_cli.export.source import ModelSource
-from facerestore_cli.pipeline import DEFAULT_MODEL, load_restorer
+from facerestore_cli.models.loading import DEFAULT_MODEL, load_restorer
 
 
 def load(backend: str, source: ModelSource, device: torch.device, size: int, max_batch: int):

@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
-from facerestore_cli.media import IMAGE_EXTS
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_batch_size, parse_face_size, run_restore
+from facerestore_cli.io.inputs import IMAGE_EXTS
+from facerestore_cli.models.loading import DEFAULT_MODEL
+from facerestore_cli.restore.options import RestoreOptions, parse_batch_size, parse_face_size
+from facerestore_cli.restore.face_restorer import build_face_restorer
+from facerestore_cli.restore.options import FaceSettings, ModelChoice
+from facerestore_cli.restore.loop import run_restore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_lq"
 WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffBIR/inputs/demo/bfr/whole_img"]
@@ -104,7 +108,11 @@ def main() -> None:
     ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size)
+    engine = build_face_restorer(
+        ModelChoice(model=args.model, precision=args.precision),
+        faces=FaceSettings(batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size),
+        device=args.device,
+    )
     where = machine()
     name = (args.model or DEFAULT_MODEL).name
     settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}, face size {args.face_size} ({'/'.join(map(str, engine.sizes))} px)"

@@ -23,9 +23,10 @@ import torch
 
 from bench_restore import machine, row
 from bench_video import make_clip, tile_positions, tile_side
-from facerestore_cli.faces import Face, build_detector
+from facerestore_cli.faces.face import Face
+from facerestore_cli.faces import build_detector
 from facerestore_cli.faces.tracking import FaceTracker
-from facerestore_cli.media import read_video_frames
+from facerestore_cli.io.video import read_video_frames
 
 
 def in_tiles(faces: list[Face], tiles: list[tuple[int, int]], side: int) -> list[Face | None]:

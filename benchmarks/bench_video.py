@@ -27,8 +27,14 @@ import torch
 
 from bench_restore import machine, row
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
-from facerestore_cli.media import VideoWriter, read_image, read_video_frames, resize_image
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, parse_face_size, run_restore
+from facerestore_cli.io.video_writer import VideoWriter
+from facerestore_cli.io.video import read_video_frames
+from facerestore_cli.io.images import read_image, resize_image
+from facerestore_cli.models.loading import DEFAULT_MODEL
+from facerestore_cli.restore.options import RestoreOptions, parse_face_size
+from facerestore_cli.restore.face_restorer import build_face_restorer
+from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice
+from facerestore_cli.restore.loop import run_restore
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
 WIDTH, HEIGHT, MAX_TILE = 1920, 1080, 1000
@@ -112,8 +118,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build_engine(model=args.model, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                          frame_path=args.frame_path, face_size=args.face_size, min_face_size=args.min_face_size)  # fmt: skip
+    engine = build_face_restorer(
+        ModelChoice(model=args.model, precision=args.precision),
+        DetectionSettings(min_face_size=args.min_face_size),
+        FaceSettings(batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size),
+        device=args.device,
+    )
     where = machine()
     settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
                 f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}, "

@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerestore_cli.evaluate import find_pairs, resize_for_scoring
-from facerestore_cli.media import read_image
+from facerestore_cli.data.testsets import find_pairs
+from facerestore_cli.evaluate import resize_for_scoring
+from facerestore_cli.io.images import read_image
 from facerestore_cli.metrics.registry import create_metric
 from facerestore_cli.models.inference import restore_crops
-from facerestore_cli.pipeline import DEFAULT_MODEL, fast_torch_model, load_restorer
+from facerestore_cli.models.loading import DEFAULT_MODEL, load_restorer
+from facerestore_cli.restore.face_restorer import fast_torch_model
 
 
 #: decimals per metric in the printed rows (others: 2)

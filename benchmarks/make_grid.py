@@ -25,25 +25,16 @@ import cv2
 import numpy as np
 import torch
 
-from facerestore_cli.evaluate import (
-    GRID_TILE,
-    EvalInputError,
-    _labelled_grid,
-    _restore,
-    _single_thread,
-    _to_tensor01,
-    _to_uint8,
-    _write_png,
-    bicubic_unsharp,
-    load_restorers,
-    resize_for_scoring,
-)
+from facerestore_cli.evaluate import GRID_TILE, _labelled_grid, _restore, bicubic_unsharp, load_restorers, resize_for_scoring
+from facerestore_cli.data.testsets import EvalInputError, _single_thread, _to_tensor01, _to_uint8, _write_png
 from facerestore_cli.faces import build_detector, estimate_affine, warp_faces
-from facerestore_cli.media import MediaError, read_image
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
 from facerestore_cli.metrics import MetricUnavailable, create_metric
 from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
-from facerestore_cli.pipeline import DEFAULT_MODEL, resolve_device
-from facerestore_cli.train.degrade import DegradationConfig, Degrader
+from facerestore_cli.models.loading import DEFAULT_MODEL
+from facerestore_cli.devices import resolve_device
+from facerestore_cli.data.degrade import DegradationConfig, Degrader
 
 HERE = Path(__file__).resolve().parent
 FACE_SIZE = 512

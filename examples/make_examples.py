@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerestore_cli.media import VideoWriter, ffmpeg_exe, read_image, write_image
-from facerestore_cli.train.degrade import DegradationParams, apply_degradation
+from facerestore_cli.io.video import VideoWriter, ffmpeg_exe
+from facerestore_cli.io.images import read_image, write_image
+from facerestore_cli.data.degrade import DegradationParams, apply_degradation
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,10 +1,8 @@
-"""facerestore: restore degraded faces with a one-step latent diffusion restorer."""
+"""facerestore: restore degraded faces in photos and videos with reward-tuned diffusion models.
 
-import os
-from pathlib import Path
+The package's parts, lowest first (each imports only parts before it; docs/DESIGN.md):
+errors, paths, devices, configfile < io < faces < models < metrics < rewards < data < export
+< restore < train < evaluate < commands < cli.
+"""
 
 __version__ = "0.1.0"
-
-#: The bundled weights (MTCNN detector, NIQE parameters, default restorer): the repository's
-#: `weights/` for the editable install the README uses, or FACERESTORE_WEIGHTS when set.
-WEIGHTS_DIR = Path(os.environ.get("FACERESTORE_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from facerestore_cli.errors import InputError
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -16,11 +18,11 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible to torch")
+        raise InputError("--device cuda was asked for, but no CUDA GPU is visible to torch")
     return torch.device(device)
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        raise InputError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return DTYPES[precision]

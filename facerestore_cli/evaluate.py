@@ -1,290 +1,56 @@
-"""Rebuildable degraded test sets, and an honest comparison of restorers against simple baselines.
-
-`degrade_folder` turns aligned HQ crops into a pair folder::
-
-    OUT/hq/<name>.png          the ground truth (as read, optionally resized)
-    OUT/lq/<name>.png          its degraded copy (same size; blur, downsampling, noise, JPEG)
-    OUT/degradations.jsonl     one line per image: file, source, its seed and drawn parameters
-    OUT/degrade_config.json    the parameter ranges, master seed and size
-
-Each image is degraded with its own generator seeded from (master seed, file name), on one CPU
-thread, so a set is rebuilt bit for bit from the same sources, seed and ranges (with the same torch
-build), independent of order, of other files and of the thread count, and `degradations.jsonl`
-says what each image went through.
-
-`evaluate` restores the LQ images of a pair folder (or of LQ folders alone) with each
-restorer and with baselines, scores every method with the metric registry's metrics, and
-returns the mean per method and metric, the metrics that could not run here (with reasons) and,
-optionally, a PNG grid (rows: input | baseline | each restorer | ground truth).
-
-Without ground truth (real degraded photos) full-reference metrics are skipped, but with
-`input_reference` the identity metrics are scored against the degraded input itself, as
-`identity@input` and `identity_dist@input`: does the output still show the person in the input?
-The `input` baseline is that image, so it scores perfectly there by construction; PSNR/SSIM are
-never scored against the input (they would only reward doing nothing).
-
-Baselines: `input` is the degraded image itself; `bicubic_unsharp` is the classical answer,
-bicubic resize to the output size (when the LQ is smaller) followed by an unsharp mask.
-With pairs, `ground_truth` is also scored by the no-reference metrics, as the level to aim for.
-"""
+"""EVALDOC"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from . import __version__
-from .media import IMAGE_EXTS, MediaError, read_image
-from .models.color import DEFAULT_COLOR_FIX, parse_color_fix
-from .models.inference import by_size, restore_crops
-from .metrics import Metric, MetricInfo, MetricUnavailable, available_metrics, create_metric, finite_mean, metric_info, unavailable_metrics
-from .metrics.identity import IdentityDistance, IdentitySimilarity
-from .train.degrade import DegradationConfig, Degrader
+import facerestore_cli.rewards  # noqa: F401  (adds frm and lrpo_reward to the metric registry)
+from facerestore_cli.data.testsets import (
+    EvalInputError,
+    EvalItem,
+    as_folders,
+    find_lq,
+    find_pairs,
+    resize_for_scoring,
+    write_png,
+)
+from facerestore_cli.errors import FacerestoreError
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
+from facerestore_cli.metrics import (
+    Metric,
+    MetricInfo,
+    MetricUnavailable,
+    available_metrics,
+    create_metric,
+    finite_mean,
+    metric_info,
+    unavailable_metrics,
+)
+from facerestore_cli.metrics.identity import IdentityDistance, IdentitySimilarity
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
+from facerestore_cli.models.inference import by_size, restore_crops
 
-HQ_DIR, LQ_DIR = "hq", "lq"
-DEGRADATIONS = "degradations.jsonl"
-DEGRADE_CONFIG = "degrade_config.json"
-MANIFEST = "manifest.jsonl"
 BASELINES = ("input", "bicubic_unsharp")
+
+
 GROUND_TRUTH = "ground_truth"
+
+
 GRID_TILE = 256
-
-
-class EvalInputError(ValueError):
-    """A folder or option that evaluation cannot use; the message is one line for the user."""
-
-
-# ------------------------------------------------------------------ finding images
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-
-
-def source_images(src: Path) -> list[tuple[str, Path]]:
-    """(relative name, path) of the HQ crops in a folder, a prepared folder's manifest, or a manifest file."""
-    src = Path(src)
-    if src.is_file() and src.name.endswith(".jsonl"):
-        manifest, root = src, src.parent
-    elif src.is_dir() and (src / MANIFEST).is_file():
-        manifest, root = src / MANIFEST, src
-    elif src.is_dir():
-        files = _image_files(src)
-        if not files:
-            raise EvalInputError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
-        return [(p.relative_to(src).as_posix(), p) for p in files]
-    else:
-        raise EvalInputError(f"{src}: not a folder of aligned crops or a manifest.jsonl")
-    rows = []
-    with open(manifest) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line)["file"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EvalInputError(f"{manifest}:{n}: not a manifest line with a \"file\" field") from None
-    missing = [r for r in rows if not (root / r).is_file()]
-    if missing:
-        raise EvalInputError(f"{manifest}: {len(missing)} listed crop(s) missing, e.g. {root / missing[0]}")
-    if not rows:
-        raise EvalInputError(f"{manifest}: lists no crops")
-    return [(r, root / r) for r in rows]
-
-
-def image_seed(seed: int, name: str) -> int:
-    """The per-image seed: a hash of the master seed and the image's relative name."""
-    digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _png_name(rel: str) -> str:
-    return str(Path(rel).with_suffix(".png").as_posix())
-
-
-def _to_tensor01(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)[None]
-
-
-def _to_uint8(x: torch.Tensor) -> list[np.ndarray]:
-    return list(x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"could not write {path}")
-
-
-def resize_for_scoring(rgb: np.ndarray, size: tuple[int, int], interp: int | None = None) -> np.ndarray:
-    """Resize to (height, width): area when shrinking, bicubic when enlarging, unless told. How
-    test sets are brought to the model's size for scoring; `media.resize_image` (Lanczos up)
-    is for what `restore` writes, and the recorded eval numbers depend on this one's filter."""
-    h, w = size
-    if rgb.shape[:2] == (h, w):
-        return rgb
-    if interp is None:
-        interp = cv2.INTER_AREA if h < rgb.shape[0] else cv2.INTER_CUBIC
-    return cv2.resize(rgb, (w, h), interpolation=interp)
-
-
-# ------------------------------------------------------------------ degrade
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one thread: float sums in a fixed order, so the uint8 output does not depend on
-    the machine's thread count (with several threads a few pixels per million differ by 1)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@dataclass
-class DegradeSummary:
-    out_dir: Path
-    images: int = 0
-    unreadable: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def degrade_folder(
-    src: Path | str,
-    out_dir: Path | str,
-    cfg: DegradationConfig | None = None,
-    seed: int = 0,
-    size: int | None = None,
-    limit: int | None = None,
-    on_image: Callable[[str], None] | None = None,
-) -> DegradeSummary:
-    """Write HQ/LQ PNG pairs and the parameters of every degradation (see the module docstring).
-
-    src: a folder of aligned crops (searched recursively), a prepared folder with manifest.jsonl,
-    or a manifest file. size: resize every HQ crop to size x size first (None keeps each size).
-    """
-    cfg = cfg or DegradationConfig()
-    out_dir = Path(out_dir)
-    files = source_images(Path(src))
-    if limit is not None:
-        files = files[: max(0, int(limit))]
-    if (out_dir / DEGRADATIONS).exists():
-        raise EvalInputError(f"{out_dir}: already holds a degraded set ({DEGRADATIONS}); choose another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary, t0 = DegradeSummary(out_dir), time.perf_counter()
-    meta = {"facerestore": __version__, "source": str(src), "seed": int(seed), "size": size, "images": len(files), "config": cfg.to_dict()}
-    with open(out_dir / DEGRADATIONS, "w") as log:
-        for rel, path in files:
-            if on_image:
-                on_image(rel)
-            try:
-                hq = read_image(path).rgb
-            except MediaError:
-                summary.unreadable.append(rel)
-                continue
-            if size:
-                hq = resize_for_scoring(hq, (size, size))
-            s = image_seed(seed, rel)
-            with torch.no_grad(), _single_thread():
-                lq_t, params = Degrader(cfg, seed=s)(_to_tensor01(hq))
-            name = _png_name(rel)
-            _write_png(out_dir / HQ_DIR / name, hq)
-            _write_png(out_dir / LQ_DIR / name, _to_uint8(lq_t)[0])
-            row = {"file": name, "source": str(path), "seed": s, "height": hq.shape[0], "width": hq.shape[1], **params.row(0)}
-            row["grey_noise"] = bool(row["grey_noise"])
-            log.write(json.dumps(row) + "\n")
-            summary.images += 1
-    meta["images"] = summary.images
-    (out_dir / DEGRADE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    summary.seconds = time.perf_counter() - t0
-    return summary
-
-
-def load_degradation_config(path: Path | str) -> DegradationConfig:
-    """Ranges from a TOML/JSON file: a `[degradation]` table (as in training configs) or top-level keys."""
-    import tomllib
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (OSError, ValueError) as err:
-        raise EvalInputError(f"{path}: cannot read a degradation config ({err})") from None
-    raw = raw.get("degradation", raw.get("config", raw))
-    unknown = sorted(set(raw) - set(DegradationConfig.__dataclass_fields__))
-    if unknown:
-        raise EvalInputError(f"{path}: unknown degradation keys {', '.join(unknown)} (known: {', '.join(DegradationConfig.__dataclass_fields__)})")
-    return DegradationConfig.from_dict(raw)
-
-
-# ------------------------------------------------------------------ evaluate: finding images
-@dataclass
-class EvalItem:
-    name: str
-    lq: Path
-    hq: Path | None
-
-
-def find_pairs(pairs_dir: Path | str) -> list[EvalItem]:
-    """The LQ/HQ pairs of a folder made by `degrade_folder` (lq/ and hq/ with the same names)."""
-    root = Path(pairs_dir)
-    if not root.is_dir():
-        raise EvalInputError(f"{root}: not a folder")
-    lq_dir, hq_dir = root / LQ_DIR, root / HQ_DIR
-    if not lq_dir.is_dir() or not hq_dir.is_dir():
-        raise EvalInputError(f"{root}: no {LQ_DIR}/ and {HQ_DIR}/ subfolders (make a pair folder with `facerestore degrade`, or use --lq)")
-    lq = {p.relative_to(lq_dir).with_suffix("").as_posix(): p for p in _image_files(lq_dir)}
-    hq = {p.relative_to(hq_dir).with_suffix("").as_posix(): p for p in _image_files(hq_dir)}
-    if not lq:
-        raise EvalInputError(f"{lq_dir}: no images")
-    missing = sorted(set(lq) - set(hq))
-    if missing:
-        raise EvalInputError(f"{hq_dir}: no ground truth for {len(missing)} LQ image(s), e.g. {missing[0]}")
-    return [EvalItem(k, lq[k], hq[k]) for k in sorted(lq)]
-
-
-def _as_folders(lq_dirs: Path | str | Sequence[Path | str]) -> list[Path]:
-    return [Path(lq_dirs)] if isinstance(lq_dirs, (str, Path)) else [Path(d) for d in lq_dirs]
-
-
-def find_lq(lq_dirs: Path | str | Sequence[Path | str]) -> list[EvalItem]:
-    """The images under one or several LQ folders (each searched recursively), each file once.
-
-    Names are relative to the folders' common parent, so `CodeFormer/.../cropped_faces/0143` and
-    `GFPGAN/.../cropped_faces/0143` stay apart when both folders are given.
-    """
-    roots = _as_folders(lq_dirs)
-    if not roots:
-        raise EvalInputError("no LQ folder given")
-    found: list[tuple[Path, list[Path]]] = []
-    for root in roots:
-        if not root.is_dir():
-            raise EvalInputError(f"{root}: not a folder")
-        files = _image_files(root)
-        if not files:
-            raise EvalInputError(f"{root}: no images")
-        found.append((root, files))
-    base = Path(os.path.commonpath([str(r.resolve()) for r in roots]))
-    items: dict[Path, EvalItem] = {}
-    for root, files in found:
-        for p in files:
-            full = root.resolve() / p.relative_to(root)
-            items.setdefault(full, EvalItem(full.relative_to(base).with_suffix("").as_posix(), p, None))
-    return list(items.values())
 
 
 def _find_items(pairs: Path | str | None, lq: Path | str | Sequence[Path | str] | None, limit: int | None) -> tuple[list[EvalItem], str]:
     """The images to evaluate and a short description of where they come from."""
-    lq_folders = _as_folders(lq) if lq is not None else []
+    lq_folders = as_folders(lq) if lq is not None else []
     if (pairs is None) == (not lq_folders):
         raise EvalInputError("give exactly one of a pair folder (--pairs) or LQ folders (--lq)")
     items = find_pairs(pairs) if pairs is not None else find_lq(lq_folders)
@@ -293,7 +59,6 @@ def _find_items(pairs: Path | str | None, lq: Path | str | Sequence[Path | str] 
     return items, str(pairs) if pairs is not None else ", ".join(map(str, lq_folders))
 
 
-# ------------------------------------------------------------------ evaluate: baselines
 def unsharp(rgb: np.ndarray, sigma: float = 2.0, amount: float = 0.6) -> np.ndarray:
     blurred = cv2.GaussianBlur(rgb, (0, 0), sigma)
     return cv2.addWeighted(rgb, 1 + amount, blurred, -amount, 0)
@@ -312,7 +77,6 @@ def _check_baselines(baselines: Iterable[str]) -> list[str]:
     return baselines
 
 
-# ------------------------------------------------------------------ evaluate: result
 @dataclass
 class EvalResult:
     methods: list[str]
@@ -365,12 +129,17 @@ class EvalResult:
         )
 
 
-# ------------------------------------------------------------------ evaluate: metrics
 #: Full-reference metrics that still mean something against the degraded input itself: is the
 #: output the same person? (PSNR/SSIM against the input would only reward doing nothing.)
 IDENTITY_METRICS = (IdentitySimilarity.name, IdentityDistance.name)
+
+
 INPUT = "input"
+
+
 AT_INPUT = "@input"
+
+
 NEEDS_GT = "full-reference: needs ground truth (--pairs)"
 
 
@@ -433,7 +202,6 @@ def _create_scorers(chosen: list[ScoredMetric], device: torch.device, unavailabl
     return scorers, [s for s in chosen if s.metric in scorers]
 
 
-# ------------------------------------------------------------------ evaluate: restorers
 def _model_labels(models: Sequence[Path]) -> list[str]:
     labels = []
     for m in models:
@@ -448,7 +216,7 @@ def load_restorers(
     models: Sequence[Path | str | tuple[str, torch.nn.Module]], device: torch.device, dtype: torch.dtype
 ) -> list[tuple[str, torch.nn.Module]]:
     """(table label, restorer in eval mode) per model folder or already loaded (label, restorer)."""
-    from .pipeline import load_restorer
+    from facerestore_cli.models.loading import load_restorer
 
     restorers = []
     labels = iter(_model_labels([Path(m) for m in models if not isinstance(m, tuple)]))
@@ -459,7 +227,7 @@ def load_restorers(
         label = next(labels)
         try:
             restorers.append((label, load_restorer(Path(item), None, device, dtype)))
-        except (FileNotFoundError, OSError, ValueError) as err:
+        except (FacerestoreError, OSError) as err:  # OSError: diffusers on a broken folder
             raise EvalInputError(f"{item}: cannot load restorer ({str(err).splitlines()[0]})") from None
     return restorers
 
@@ -474,7 +242,6 @@ def _restore_mixed_sizes(model, images: list[np.ndarray], color_fix: str) -> lis
     return by_size(images, lambda same: _restore(model, same, color_fix))
 
 
-# ------------------------------------------------------------------ evaluate: one batch
 @dataclass
 class _Batch:
     items: list[EvalItem]
@@ -540,7 +307,6 @@ def _grid_rows(batch: _Batch, outputs: dict[str, list[np.ndarray]], cols: list[s
     return [[outputs[m][j] if m in outputs else batch.refs[j] for m in cols] for j in range(min(room, len(batch.items)))]
 
 
-# ------------------------------------------------------------------ evaluate: tables and grid
 def tabulate(scores: dict[str, dict[str, list[float]]]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
     """Mean and count of the finite scores per method and column."""
     table = {m: {k: finite_mean(v)[0] for k, v in per.items()} for m, per in scores.items()}
@@ -559,7 +325,7 @@ def _labelled_grid(rows: list[list[np.ndarray]], labels: list[str], tile: int = 
 def _write_grid(grid: Path | str | None, rows: list[list[np.ndarray]], cols: list[str]) -> Path | None:
     if grid is None or not rows:
         return None
-    _write_png(Path(grid), _labelled_grid(rows, cols))
+    write_png(Path(grid), _labelled_grid(rows, cols))
     return Path(grid)
 
 

@@ -41,7 +41,7 @@ def fine_tuning_assets(root: Path) -> dict[str, Path]:
     prepared folder of 6 face-like 64 px crops."""
     from facerestore_cli.models import OneStepRestorer, configs
     from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
-    from facerestore_cli.train.data import MANIFEST, CropRecord
+    from facerestore_cli.data.crops import MANIFEST, CropRecord
 
     small = configs.get_config("tiny").with_overrides(
         vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
@@ -118,7 +118,7 @@ class FixedFaces:
         self.calls = 0
 
     def detect(self, images: list[np.ndarray]) -> list[list]:
-        from facerestore_cli.faces.detector import make_faces
+        from facerestore_cli.faces.face import make_faces
 
         self.calls += 1
         pad = [[-10, -10, 10, 10]]
@@ -133,7 +133,7 @@ def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6)
     """A short clip of `face` (even width and height) drifting sideways, with a sine-wave audio track."""
     import subprocess
 
-    from facerestore_cli.media import ffmpeg_exe
+    from facerestore_cli.io.video import ffmpeg_exe
 
     h, w = face.shape[:2]
     lavfi = ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps}"]

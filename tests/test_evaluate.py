@@ -11,17 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.evaluate import (
-    DEGRADATIONS,
-    EvalInputError,
-    degrade_folder,
-    evaluate,
-    find_lq,
-    load_degradation_config,
-    source_images,
-)
+from facerestore_cli.data.testsets import DEGRADATIONS, EvalInputError, degrade_folder, find_lq, load_degradation_config, source_images
+from facerestore_cli.evaluate import evaluate
 from facerestore_cli.metrics.identity import identity_unavailable_reason
-from facerestore_cli.train.degrade import DegradationConfig
+from facerestore_cli.data.degrade import DegradationConfig
 
 MILD = DegradationConfig(blur_sigma=(0.5, 2.0), downsample=(1.0, 2.0), noise_sigma=(0.0, 5.0), jpeg_quality=(60, 95))
 

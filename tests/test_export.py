@@ -21,7 +21,7 @@ from facerestore_cli.export.source import ModelSource
 from facerestore_cli.models import configs
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import restore_latent
-from facerestore_cli.pipeline import load_restorer
+from facerestore_cli.models.loading import load_restorer
 
 from fakes import face_like, randomize_fusion, tiny_model_config
 
@@ -169,7 +169,7 @@ def test_an_engine_serves_only_its_own_face_size(tmp_path: Path) -> None:
     """A model trained for smaller crops too (working_sizes) exports at one size: the engine's
     shapes are fixed, so `restore --face-size auto` gives it that size only."""
     from facerestore_cli.export.backends import OnnxBackend
-    from facerestore_cli.pipeline import face_sizes_for
+    from facerestore_cli.restore.face_restorer import face_sizes_for
 
     model = save_model(tmp_path / "two_sizes", seed=0, working_sizes=[32])
     out = tmp_path / "two_sizes.onnx"

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from facerestore_cli.faces import (
-    DetectorUnavailable,
-    Face,
-    build_detector,
-    estimate_affine,
-    face_template,
-    paste_faces,
-    scale_affine,
-    warp_faces,
-)
+from facerestore_cli.faces.face import DetectorUnavailable, Face
+from facerestore_cli.faces import build_detector, estimate_affine, face_template, paste_faces, scale_affine, warp_faces
 from facerestore_cli.faces.align import feather_mask
 
 PHOTOS = "faces/train/photos"

@@ -20,11 +20,14 @@ import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.media import InputItem, read_image
+from facerestore_cli.io.inputs import InputItem
+from facerestore_cli.io.images import read_image
 from facerestore_cli.models import OneStepRestorer, configs
 from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to_tensor, to_uint8
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
-from facerestore_cli.pipeline import Shard, Summary, fast_torch_model, merge_summaries
+from facerestore_cli.restore.shards import Shard, merge_summaries
+from facerestore_cli.restore.report import Summary
+from facerestore_cli.restore.face_restorer import fast_torch_model
 
 from fakes import assert_images_close, face_like, free_port, randomize_fusion, tiny_model_config
 

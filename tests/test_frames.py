@@ -15,15 +15,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from facerestore_cli import pipeline
+from facerestore_cli.restore import face_restorer as face_restorer_module
+from facerestore_cli.restore import loop as restore_loop
 from facerestore_cli.cli import main
 from facerestore_cli.faces.align import _bounds, estimate_affine, scale_affine
 from facerestore_cli.faces.tensor_align import resize_tensor
-from facerestore_cli.frames import resolve_frame_path
-from facerestore_cli.media import MediaError, VideoWriter, probe_video, read_video_frames, resize_image
+from facerestore_cli.restore.frames import resolve_frame_path
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.video_writer import VideoWriter
+from facerestore_cli.io.video import probe_video, read_video_frames
+from facerestore_cli.io.images import resize_image
 from facerestore_cli.models.inference import restore_crops
-from facerestore_cli.pipeline import FaceRestorer, RestoreOptions, face_sizes_for, parse_batch_size, resolve_batch_size, run_restore
-from facerestore_cli.threads import Prefetch, WriteBehind
+from facerestore_cli.restore.face_restorer import FaceRestorer, face_sizes_for, resolve_batch_size
+from facerestore_cli.restore.options import RestoreOptions, parse_batch_size
+from facerestore_cli.restore.loop import run_restore
+from facerestore_cli.restore.threads import Prefetch, WriteBehind
 
 from fakes import FixedFaces, assert_images_close, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
 
@@ -168,11 +174,11 @@ def test_tensor_resize_matches_resize_image(scale: float) -> None:
 def test_cli_passes_the_frame_path_and_face_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen = {}
 
-    def build(*args, **kwargs):
-        seen.update(kwargs, args=args)
+    def build(choice, detection, faces, **kwargs):
+        seen.update(frame_path=faces.frame_path, face_size=faces.face_size)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(pipeline, "build_engine", build)
+    monkeypatch.setattr(face_restorer_module, "build_face_restorer", build)
     run = lambda *opts: CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), *opts])  # noqa: E731
     result = run("--frame-path", "tensor")
     assert result.exit_code == 2 and "stop here" in result.output
@@ -282,7 +288,7 @@ def test_reader_thread_error_fails_that_video_and_the_next_is_restored(
     src.mkdir()
     bad, good = clip(src / "a_bad.mp4"), clip(src / "b_good.mp4", 1)
     readers = []
-    real_reader = pipeline.read_video_frames
+    real_reader = restore_loop.read_video_frames
 
     def reader(path):
         readers.append(threading.current_thread())
@@ -291,7 +297,7 @@ def test_reader_thread_error_fails_that_video_and_the_next_is_restored(
             raise MediaError(path, "decoding stopped after 5 frames: corrupt packet")
         yield from real_reader(path)
 
-    monkeypatch.setattr(pipeline, "read_video_frames", reader)
+    monkeypatch.setattr(restore_loop, "read_video_frames", reader)
     summary = run_restore([str(src)], video_engine, RestoreOptions(tmp_path / "out", video_chunk=2))
     assert summary.failures == [f"{bad}: decoding stopped after 5 frames: corrupt packet"]
     assert summary.videos == 1 and summary.frames == 6

@@ -1,4 +1,4 @@
-"""Tests for facerestore_cli.media: input discovery, image and video I/O.
+"""Tests for facerestore_cli.io: input discovery, image and video I/O.
 
 All media is generated in tmp_path (numpy/PIL/bundled ffmpeg); nothing from ../shared.
 """
@@ -13,21 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from facerestore_cli import media
-from facerestore_cli.media import (
-    InputItem,
-    LoadedImage,
-    MediaError,
-    VideoWriter,
-    check_outdir,
-    discover_inputs,
-    output_path_for,
-    probe_video,
-    read_image,
-    read_video_frames,
-    resize_image,
-    write_image,
-)
+from facerestore_cli.io import video as media
+from facerestore_cli.io.inputs import InputItem, check_outdir, discover_inputs, output_path_for
+from facerestore_cli.io.images import LoadedImage, read_image, resize_image, write_image
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.video_writer import VideoWriter
+from facerestore_cli.io.video import probe_video, read_video_frames
 
 FFMPEG = media.ffmpeg_exe()
 

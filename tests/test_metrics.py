@@ -114,7 +114,7 @@ def aligned_faces(shared_data):
         pytest.skip(f"identity metric unavailable: {reason}")
     from facerestore_cli.faces.align import estimate_affine, warp_faces
     from facerestore_cli.faces.detector import build_detector
-    from facerestore_cli.train.data import detect_padded
+    from facerestore_cli.faces.detector import detect_padded
 
     detector = build_detector("mtcnn")
     out = {}

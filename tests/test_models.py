@@ -23,6 +23,7 @@ from facerestore_cli.models.restorer import (
     vae_encoder_lora_targets,
 )
 from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
+from facerestore_cli.models.loading import load_model_folder
 from fakes import randomize_fusion, tiny_model_config
 
 
@@ -335,7 +336,7 @@ def test_load_sd21_folder(sd_folder: Path, tmp_path: Path) -> None:
         out = model(x)
     torch.testing.assert_close(out, _osediff_reference(sd_folder, x, embeds), atol=1e-5, rtol=1e-5)
 
-    routed = OneStepRestorer.from_pretrained(sd_folder)  # no restorer_config.json -> upstream loader
+    routed = load_model_folder(sd_folder)  # no restorer_config.json -> upstream loader
     torch.testing.assert_close(routed.prompt_embeds.data, _manual_embeds(sd_folder, ""))
 
     from safetensors.torch import save_file
@@ -472,7 +473,7 @@ def test_restore_loads_upstream_sd_folder_and_osediff(sd_folder: Path, tmp_path:
     from click.testing import CliRunner
 
     from facerestore_cli.cli import main
-    from facerestore_cli.pipeline import load_restorer
+    from facerestore_cli.models.loading import load_restorer
 
     _fake_osediff_pkl(sd_folder, tmp_path / "osediff.pkl")
     x = images(1, 32)

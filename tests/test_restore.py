@@ -14,8 +14,13 @@ from click.testing import CliRunner
 
 from facerestore_cli.cli import main
 from facerestore_cli.faces import estimate_affine
-from facerestore_cli.media import probe_video, read_image, read_video_frames
-from facerestore_cli.pipeline import DEFAULT_MODEL, RestoreOptions, build_engine, run_restore
+from facerestore_cli.io.video import probe_video, read_video_frames
+from facerestore_cli.io.images import read_image
+from facerestore_cli.models.loading import DEFAULT_MODEL
+from facerestore_cli.restore.options import RestoreOptions
+from facerestore_cli.restore.face_restorer import build_face_restorer
+from facerestore_cli.restore.options import FaceSettings
+from facerestore_cli.restore.loop import run_restore
 
 from fakes import make_face_video
 
@@ -29,7 +34,7 @@ ALIGNED = "CodeFormer/inputs/cropped_faces/0143.jpg"
 @pytest.fixture(scope="module")
 def engine():
     torch.set_num_threads(2)
-    return build_engine(device="cpu", batch_size=4)
+    return build_face_restorer(faces=FaceSettings(batch_size=4), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +116,13 @@ def test_a_photo_that_fails_to_restore_fails_alone(engine, real: Path, tmp_path:
 
 def test_big_photos_are_not_restored_together(engine, real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Photos together stay within PHOTO_GROUP_PIXELS (device memory for detection)."""
-    import facerestore_cli.pipeline as pipeline
+    import facerestore_cli.restore.loop as restore_loop
 
     calls = []
     restore_frames = engine.restore_frames
     monkeypatch.setattr(engine, "restore_frames", lambda frames, *a, **k: calls.append(len(frames)) or restore_frames(frames, *a, **k))
     sizes = [read_image(real / name).rgb.shape for name in WHOLE]
-    monkeypatch.setattr(pipeline, "PHOTO_GROUP_PIXELS", sizes[0][0] * sizes[0][1] + sizes[1][0] * sizes[1][1] - 1)
+    monkeypatch.setattr(restore_loop, "PHOTO_GROUP_PIXELS", sizes[0][0] * sizes[0][1] + sizes[1][0] * sizes[1][1] - 1)
     summary = run_restore([str(real / name) for name in WHOLE], engine, RestoreOptions(tmp_path / "out"))
     assert summary.ok and summary.images == 2 and calls == [1, 1]
 

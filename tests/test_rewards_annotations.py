@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.rewards.annotations import AnnotationError, load_annotations, read_pairs
-from facerestore_cli.rewards.autopairs import degrade_at, graded_params
-from facerestore_cli.train.degrade import DegradationConfig, apply_degradation, sample_params
+from facerestore_cli.data.annotations import AnnotationError, load_annotations, read_pairs
+from facerestore_cli.data.autopairs import degrade_at, graded_params
+from facerestore_cli.data.degrade import DegradationConfig, apply_degradation, sample_params
 from fakes import face_like
 
 
@@ -168,8 +168,8 @@ def test_frm_pairs_writes_rule_labelled_pairs_and_candidates(tmp_path: Path) -> 
 
 
 def test_an_interrupted_frm_pairs_run_resumes_to_the_same_set(tmp_path: Path) -> None:
-    from facerestore_cli.evaluate import EvalInputError
-    from facerestore_cli.rewards.autopairs import AutoPairsConfig, make_auto_pairs
+    from facerestore_cli.data.testsets import EvalInputError
+    from facerestore_cli.data.autopairs import AutoPairsConfig, make_auto_pairs
 
     src = tmp_path / "src"
     src.mkdir()

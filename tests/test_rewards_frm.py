@@ -165,7 +165,7 @@ def test_score_without_weights_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_frm_is_a_no_reference_metric_of_the_registry(tiny_frm: Path, tmp_path: Path, monkeypatch) -> None:
-    import facerestore_cli.metrics.frm as frm_metric
+    import facerestore_cli.rewards.metrics as frm_metric
     from facerestore_cli.metrics import MetricUnavailable, create_metric, metric_info
 
     monkeypatch.setattr(frm_metric, "FRM_WEIGHTS", tmp_path / "none")

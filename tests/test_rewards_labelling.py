@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from facerestore_cli.rewards.annotations import Pair, load_annotations, write_pairs
-from facerestore_cli.rewards.labelling import LabelSession, make_server
+from facerestore_cli.data.annotations import Pair, load_annotations, write_pairs
+from facerestore_cli.data.labelling import LabelSession, make_server
 
 
 @pytest.fixture()

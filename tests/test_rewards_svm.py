@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.rewards.annotations import Pair, read_pairs, write_pairs
-from facerestore_cli.rewards.svm import FEATURE_NAMES, SvmConfig, auto_annotate, image_features, make_svm
+from facerestore_cli.data.annotations import Pair, read_pairs, write_pairs
+from facerestore_cli.data.svm import FEATURE_NAMES, SvmConfig, auto_annotate, image_features, make_svm
 from fakes import face_like
 
 

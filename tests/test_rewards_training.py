@@ -12,9 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.rewards.annotations import Pair, write_pairs
+from facerestore_cli.data.annotations import Pair, write_pairs
 from facerestore_cli.rewards.frm import FaceRewardModel
-from facerestore_cli.rewards.frm_training import FrmTrainConfig, evaluate_pairs, load_pair_files, split_pairs, train_frm
+from facerestore_cli.train.frm import FrmTrainConfig, evaluate_pairs, train_frm
+from facerestore_cli.data.annotations import load_pair_files, split_pairs
 from fakes import TINY_FRM, face_like
 
 
@@ -154,7 +155,7 @@ def test_frm_eval_reports_accuracy_by_kind_and_the_full_ranking(tmp_path: Path) 
 
 
 def test_kind_sampling_draws_rare_kinds_more_often(sharp_vs_blurred: Path) -> None:
-    from facerestore_cli.rewards.frm_training import PairDataset, _batches
+    from facerestore_cli.train.frm import PairDataset, _batches
 
     pairs, _ = load_pair_files([sharp_vs_blurred])
     pairs[0].kind = "gt>restored"

@@ -11,10 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.faces import Face, build_detector
-from facerestore_cli.faces.detector import match_faces
+from facerestore_cli.faces.face import Face
+from facerestore_cli.faces import build_detector
+from facerestore_cli.faces.face import match_faces
 from facerestore_cli.faces.tracking import FaceTracker
-from facerestore_cli.media import read_image, resize_image
+from facerestore_cli.io.images import read_image, resize_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TILE = 200  # px; the astronaut's face box is about 70 px at this size

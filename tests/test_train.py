@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from facerestore_cli.cli import main
 from facerestore_cli.faces import build_detector
 from facerestore_cli.models import OneStepRestorer
-from facerestore_cli.train.data import AlignedFaces, prepare_faces, read_manifest
-from facerestore_cli.train.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
-from facerestore_cli.train.restorer_training import RestorerTrainConfig, train_restorer
+from facerestore_cli.data.crops import AlignedFaces, prepare_faces, read_manifest
+from facerestore_cli.data.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
+from facerestore_cli.train.restorer import RestorerTrainConfig, train_restorer
 from fakes import free_port, tiny_restorer
 
 
@@ -40,7 +40,7 @@ def test_degradation_is_seeded_and_degrades() -> None:
 
 
 def test_mild_fraction_draws_gentle_samples_and_keeps_old_sets() -> None:
-    from facerestore_cli.train.degrade import sample_params
+    from facerestore_cli.data.degrade import sample_params
 
     base = DegradationConfig(blur_sigma=(0.1, 10.0), downsample=(1.0, 10.0), noise_sigma=(0.0, 10.0), jpeg_quality=(30, 100))
     plain = sample_params(base, 400, torch.Generator().manual_seed(0))
@@ -179,7 +179,7 @@ def test_restorer_losses_can_score_what_restore_delivers() -> None:
     """With `color_fix` the losses compare the colour-fixed restoration with HQ: a face whose
     coarse shapes the fix takes from the input is not penalised for the decoder's own."""
     from facerestore_cli.models.color import color_fix_unclamped
-    from facerestore_cli.train.restorer_training import LossWeights, StageObjective
+    from facerestore_cli.train.restorer import LossWeights, StageObjective
 
     model = tiny_restorer()
     hq = face_batch(2, 64) * 2 - 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import cli_module as _cli
+from facerestore_cli.commands.ui import console, fail
 
 
 @click.command("export")
@@ -30,26 +30,24 @@ def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch
       facerestore restore photos/ -o out/ --model runs/tiny/final --lora runs/lrpo/lora.safetensors --backend onnx --engine tiny.onnx
       facerestore export --format tensorrt -o tiny.engine --max-batch 16
     """
-    from ..devices import resolve_device
-    from ..export.engines import make_onnx, make_tensorrt
-    from ..export.source import ModelSource
-    from ..pipeline import DEFAULT_MODEL
-
-    cli = _cli()
+    from facerestore_cli.devices import resolve_device
+    from facerestore_cli.export.engines import make_onnx, make_tensorrt
+    from facerestore_cli.export.source import ModelSource
+    from facerestore_cli.models.loading import DEFAULT_MODEL
     source = ModelSource(model or DEFAULT_MODEL, lora, osediff)
     try:
         dev = resolve_device(device)
-        with cli.console.status(f"exporting {source.model} to {fmt}"):
+        with console.status(f"exporting {source.model} to {fmt}"):
             if fmt == "onnx":
                 meta = make_onnx(source, out, face_size, fp16, opset, dev)
             else:
                 meta = make_tensorrt(source, out, face_size, max_batch, dev)
     except (FileNotFoundError, ValueError) as err:  # EngineError and LoraMismatchError are ValueErrors
-        cli.fail(str(err))
+        fail(str(err))
     size_mb = out.stat().st_size / 2**20
-    cli.console.print(
+    console.print(
         f"{fmt} engine: {out} ({size_mb:.1f} MiB), {meta.face_size} px, {meta.sampling_steps} UNet step(s), "
         f"model {meta.config_name} (fingerprint {meta.model_fingerprint}); sidecar {out.name}.json",
         highlight=False, soft_wrap=True, markup=False,
     )  # fmt: skip
-    cli.console.print(f"use it with: facerestore restore ... --backend {fmt} --engine {out} (and the same --model/--lora)", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"use it with: facerestore restore ... --backend {fmt} --engine {out} (and the same --model/--lora)", highlight=False, soft_wrap=True, markup=False)

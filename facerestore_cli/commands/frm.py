@@ -9,14 +9,22 @@ import sys
 from pathlib import Path
 
 import click
-
-from .common import cli_module as _cli
-from .common import load_run_config, print_run_end, print_run_summary, run_device, run_options
 from rich.table import Table
+
+from facerestore_cli.commands.ui import (
+    console,
+    fail,
+    load_run_config,
+    print_run_end,
+    print_run_summary,
+    progress_bar,
+    run_device,
+    run_options,
+)
 
 
 def _error_line(message: str) -> None:
-    _cli().console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
 
 
 def _floats(value: str) -> list[float]:
@@ -50,12 +58,18 @@ def frm_pairs(src, outdir, config_path, levels, size, work_size, restore_limit, 
     """
     import torch
 
-    from ..evaluate import EvalInputError, load_degradation_config, source_images
-    from ..pipeline import load_restorer
-    from ..rewards.autopairs import AutoPairsConfig, check_out_dir, make_auto_pairs
-    from ..train.degrade import DegradationConfig
-
-    cli = _cli()
+    from facerestore_cli.data.autopairs import (
+        AutoPairsConfig,
+        check_out_dir,
+        make_auto_pairs,
+    )
+    from facerestore_cli.data.degrade import DegradationConfig
+    from facerestore_cli.data.testsets import (
+        EvalInputError,
+        load_degradation_config,
+        source_images,
+    )
+    from facerestore_cli.models.loading import load_restorer
     try:
         check_out_dir(outdir)
         cfg = AutoPairsConfig(
@@ -64,16 +78,16 @@ def frm_pairs(src, outdir, config_path, levels, size, work_size, restore_limit, 
         )  # fmt: skip
         model = load_restorer(restorer, None, run_device(device), torch.float32) if restore_limit else None
         total = len(source_images(src))
-        with cli._progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("faces", total=min(total, limit or total))
             summary = make_auto_pairs(src, outdir, cfg, model, limit, on_face=lambda _: progress.advance(task), resume=resume)
     except (EvalInputError, ValueError, FileNotFoundError) as err:
-        cli.fail(str(err))
+        fail(str(err))
     for name in summary.unreadable:
         _error_line(f"{Path(src) / name}: unreadable image, skipped")
     rows = {"faces": summary.faces, "restored": summary.restored, "pairs": summary.pairs, "candidates": summary.candidates, "time": f"{summary.seconds:.1f} s"}
     print_run_summary("frm-pairs summary", rows)
-    cli.console.print(f"pairs: {outdir / 'pairs.jsonl'}; unlabelled candidates: {outdir / 'candidates.jsonl'}")
+    console.print(f"pairs: {outdir / 'pairs.jsonl'}; unlabelled candidates: {outdir / 'candidates.jsonl'}")
     if summary.unreadable:
         sys.exit(1)
 
@@ -96,15 +110,13 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
       facerestore frm-pairs data/train_faces -o data/frm_train --config configs/train_tiny.toml --restore-limit 600
       facerestore train-frm --config configs/train_frm.toml --out runs/frm
     """
-    from ..rewards.annotations import AnnotationError
-    from ..rewards.backbones import BackboneError
-    from ..rewards.frm_training import FrmTrainConfig, train_frm
-
-    cli = _cli()
+    from facerestore_cli.data.annotations import AnnotationError
+    from facerestore_cli.rewards.backbones import BackboneError
+    from facerestore_cli.train.frm import FrmTrainConfig, train_frm
     cfg = load_run_config(FrmTrainConfig, config_path, steps, "pairs", pairs, "no pair files: give --pairs or set `pairs` in the config")
     try:
         dev = run_device(device)
-        with cli._progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("training", total=cfg.steps)
 
             def on_step(step: int, loss: float, acc: float) -> None:
@@ -115,7 +127,7 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
 
             result = train_frm(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_val=on_val)
     except (AnnotationError, BackboneError, ValueError) as err:
-        cli.fail(str(err))
+        fail(str(err))
     for err in result.row_errors:
         _error_line(f"{err} (row skipped)")
     for path, reason in result.unreadable.items():
@@ -133,19 +145,16 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
         sys.exit(1)
 
 
-DEFAULT_FRM_NAME = "frm-tiny"
-
-
 def _load_model(model: Path | None, device: str, clip: str):
-    from .. import WEIGHTS_DIR
-    from ..rewards.backbones import BackboneError
-    from ..rewards.frm import load_frm
+    from facerestore_cli.paths import DEFAULT_FRM
+    from facerestore_cli.rewards.backbones import BackboneError
+    from facerestore_cli.rewards.frm import load_frm
 
-    path = model or WEIGHTS_DIR / DEFAULT_FRM_NAME
+    path = model or DEFAULT_FRM
     try:
         return load_frm(path, run_device(device), clip=_clip_spec(clip))
     except (BackboneError, ValueError) as err:
-        _cli().fail(str(err))
+        fail(str(err))
 
 
 def _clip_spec(value: str):
@@ -154,7 +163,7 @@ def _clip_spec(value: str):
         try:
             return json.loads(Path(value).read_text())
         except (OSError, ValueError) as err:
-            _cli().fail(f"--clip {value}: cannot read an open_clip config ({err})")
+            fail(f"--clip {value}: cannot read an open_clip config ({err})")
     return value
 
 
@@ -175,15 +184,13 @@ def frm_eval(pair_files, model, clip, json_path, device) -> None:
       facerestore frm-pairs data/val_faces -o data/frm_val --config configs/train_tiny.toml --restore-limit 100 --seed 123
       facerestore frm-eval data/frm_val/pairs.jsonl
     """
-    from ..rewards.annotations import AnnotationError
-    from ..rewards.frm_training import evaluate_pairs, load_pair_files
-
-    cli = _cli()
+    from facerestore_cli.data.annotations import AnnotationError, load_pair_files
+    from facerestore_cli.train.frm import evaluate_pairs
     frm = _load_model(model, device, clip)
     try:
         pairs, errors = load_pair_files(pair_files)
     except AnnotationError as err:
-        cli.fail(str(err))
+        fail(str(err))
     for err in errors:
         _error_line(f"{err} (row skipped)")
     result = evaluate_pairs(frm, pairs)
@@ -195,11 +202,11 @@ def frm_eval(pair_files, model, clip, json_path, device) -> None:
     table.add_row("all", f"{result.accuracy:.4f}", str(result.pairs))
     for kind, (acc, n) in result.by_kind.items():
         table.add_row(kind, f"{acc:.4f}", str(n))
-    cli.console.print(table)
+    console.print(table)
     if result.ranking_faces:
-        cli.console.print(f"ground truth > restored > degraded on {result.ranking_correct:.1%} of {result.ranking_faces} faces")
+        console.print(f"ground truth > restored > degraded on {result.ranking_correct:.1%} of {result.ranking_faces} faces")
     if result.mean_scores:
-        cli.console.print("mean score: " + ", ".join(f"{k} {v:.4f}" for k, v in result.mean_scores.items()), highlight=False)
+        console.print("mean score: " + ", ".join(f"{k} {v:.4f}" for k, v in result.mean_scores.items()), highlight=False)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -225,14 +232,12 @@ def score_cmd(inputs, model, clip, caption, detect, sort, json_path, batch_size,
     Example (pick the best of several restorations of one face):
       facerestore score restored_a/face.png restored_b/face.png --sort
     """
-    from ..media import discover_inputs
-    from ..rewards.scoring import score_paths
-
-    cli = _cli()
+    from facerestore_cli.io.inputs import discover_inputs
+    from facerestore_cli.rewards.scoring import score_paths
     frm = _load_model(model, device, clip)
     detector = None
     if detect:
-        from ..faces.detector import build_detector
+        from facerestore_cli.faces.detector import build_detector
 
         detector = build_detector("mtcnn", device=frm.device)
     items, errors = discover_inputs(list(inputs))
@@ -246,7 +251,7 @@ def score_cmd(inputs, model, clip, caption, detect, sort, json_path, batch_size,
         click.echo(f"{s.score:.4f}\t{s.path}{extra}")
     if len(scores) > 1:
         best = max(scores, key=lambda s: s.score)
-        cli.console.print(f"best: {best.path} ({best.score:.4f})", highlight=False)
+        console.print(f"best: {best.path} ({best.score:.4f})", highlight=False)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"file": str(s.path), "score": s.score, "faces": s.faces} for s in scores]
@@ -258,14 +263,14 @@ def score_cmd(inputs, model, clip, caption, detect, sort, json_path, batch_size,
 # ------------------------------------------------------------------ human labels and the SVM
 def _load_labels(files, require_label: bool, **kw):
     """Pairs of several annotation files, printing one line per bad row; fails on unusable files."""
-    from ..rewards.annotations import AnnotationError, load_annotations
+    from facerestore_cli.data.annotations import AnnotationError, load_annotations
 
     pairs, errors = [], []
     for f in files:
         try:
             result = load_annotations(f, require_label=require_label, **kw)
         except AnnotationError as err:
-            _cli().fail(str(err))
+            fail(str(err))
         pairs += result.pairs
         errors += result.errors
     for err in errors:
@@ -288,15 +293,13 @@ def frm_import(label_files, out, root, min_rating_gap, max_rating_pairs) -> None
     Example:
       facerestore frm-import labels/human.csv -o data/frm_human.jsonl
     """
-    from ..rewards.annotations import summarize, write_pairs
-
-    cli = _cli()
+    from facerestore_cli.data.annotations import summarize, write_pairs
     pairs, errors = _load_labels(label_files, True, root=root, min_rating_gap=min_rating_gap, max_rating_pairs=max_rating_pairs)
     write_pairs(out, pairs)
     print_run_summary("frm-import summary", {"files": len(label_files), "pairs": len(pairs), "bad rows": len(errors), **summarize(pairs)})
-    cli.console.print(f"pairs: {out}")
+    console.print(f"pairs: {out}")
     if not pairs:
-        cli.fail("no usable labels")
+        fail("no usable labels")
     if errors:
         sys.exit(1)
 
@@ -321,23 +324,21 @@ def frm_annotate(human_files, candidate_files, out, kernel, c, gamma, scaling, m
     Example:
       facerestore frm-annotate --human data/frm_human.jsonl --candidates data/frm_train/candidates.jsonl -o data/frm_svm.jsonl
     """
-    from ..rewards.annotations import write_pairs
-    from ..rewards.svm import SvmConfig, auto_annotate
-
-    cli = _cli()
+    from facerestore_cli.data.annotations import write_pairs
+    from facerestore_cli.data.svm import SvmConfig, auto_annotate
     try:
         cfg = SvmConfig(kernel, c, gamma if gamma in ("scale", "auto") else float(gamma), 3, scaling, min_confidence, holdout, seed)
     except ValueError as err:
-        cli.fail(f"--gamma/--kernel: {err}")
+        fail(f"--gamma/--kernel: {err}")
     human, bad_h = _load_labels(human_files, True)
     cands, bad_c = _load_labels(candidate_files, False, default_source="auto")
     frm = _load_model(frm_path, "cpu", "ViT-H-14") if frm_path else None
     try:
-        with cli._progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("features", total=len({x for p in human + cands for x in (p.image_a, p.image_b)}))
             labelled, report = auto_annotate(human, [p for p in cands if p.preferred is None], cfg, frm, on_image=lambda _: progress.advance(task))
     except ValueError as err:
-        cli.fail(str(err))
+        fail(str(err))
     for path, reason in report.unreadable.items():
         _error_line(f"{path}: {reason} (pairs skipped)")
     write_pairs(out, labelled)
@@ -348,7 +349,7 @@ def frm_annotate(human_files, candidate_files, out, kernel, c, gamma, scaling, m
         "candidates": report.candidates, "labelled (kept)": report.labelled, "dropped (not confident)": report.dropped_low_confidence,
     }  # fmt: skip
     print_run_summary("frm-annotate summary", rows)
-    cli.console.print(f"SVM-labelled pairs: {out}")
+    console.print(f"SVM-labelled pairs: {out}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -372,19 +373,17 @@ def label_cmd(pair_files, out, annotator, port, seed, open_browser) -> None:
       facerestore label data/frm_train/candidates.jsonl -o data/frm_human.jsonl --annotator me
       (then open http://127.0.0.1:8765/ ; keys: 1 / left, 2 / right, 0 / down = same, s = skip)
     """
-    from ..rewards.labelling import LabelSession, make_server
-
-    cli = _cli()
+    from facerestore_cli.data.labelling import LabelSession, make_server
     pairs, errors = _load_labels(pair_files, False, default_source="auto")
     if not pairs:
-        cli.fail("no usable pairs to label")
+        fail("no usable pairs to label")
     session = LabelSession(pairs, out, annotator, seed)
     try:
         server = make_server(session, port=port)
     except OSError as err:
-        cli.fail(f"cannot listen on 127.0.0.1:{port} ({err.strerror or err}); try --port 0")
+        fail(f"cannot listen on 127.0.0.1:{port} ({err.strerror or err}); try --port 0")
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    cli.console.print(f"labelling {len(session.queue)} of {len(pairs)} pairs ({session.labelled} already in {out}) at {url}  (Ctrl-C to stop)")
+    console.print(f"labelling {len(session.queue)} of {len(pairs)} pairs ({session.labelled} already in {out}) at {url}  (Ctrl-C to stop)")
     if open_browser:
         import webbrowser
 
@@ -399,6 +398,6 @@ def label_cmd(pair_files, out, annotator, port, seed, open_browser) -> None:
     finally:
         server.server_close()
     state = session.state()
-    cli.console.print(f"{state['labelled']} of {state['total']} pairs labelled in {out}; import them with `facerestore frm-import {out} -o PAIRS.jsonl`")
+    console.print(f"{state['labelled']} of {state['total']} pairs labelled in {out}; import them with `facerestore frm-import {out} -o PAIRS.jsonl`")
     if errors:
         sys.exit(1)

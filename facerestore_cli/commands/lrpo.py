@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import click
 
-from .common import cli_module as _cli
-from .common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device, secondary_process
+from facerestore_cli.commands.ui import (
+    config_and_data_options,
+    fail,
+    load_run_config,
+    print_run_end,
+    print_run_summary,
+    progress_bar,
+    run_device,
+    secondary_process,
+)
 
 
 @click.command("lrpo")
@@ -20,17 +28,15 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
       facerestore lrpo --config configs/lrpo_tiny.toml --data data/train_faces --out runs/lrpo
       facerestore restore photos/ -o out/ --lora runs/lrpo/lora.safetensors
     """
-    from ..metrics import MetricUnavailable
-    from ..rewards.backbones import BackboneError
-    from ..train.lrpo import LrpoConfig, train_lrpo
-
-    cli = _cli()
+    from facerestore_cli.metrics import MetricUnavailable
+    from facerestore_cli.rewards.backbones import BackboneError
+    from facerestore_cli.train.lrpo import LrpoConfig, train_lrpo
     cfg = load_run_config(LrpoConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     dev = run_device(device)
     if secondary_process():
         train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
         return
-    with cli._progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("lrpo", total=cfg.steps)
 
         def on_start(report: list[str]) -> None:
@@ -43,7 +49,7 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
             result = train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)
         except (FileNotFoundError, BackboneError, MetricUnavailable, ValueError) as err:
             progress.stop()
-            cli.fail(str(err))
+            fail(str(err))
     print_run_summary("lrpo summary", result)
     mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
     done = [f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]

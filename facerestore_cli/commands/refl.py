@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import click
 
-from .common import cli_module as _cli
-from .common import config_and_data_options, load_run_config, print_run_end, print_run_summary, run_device
+from facerestore_cli.commands.ui import (
+    config_and_data_options,
+    fail,
+    load_run_config,
+    print_run_end,
+    print_run_summary,
+    progress_bar,
+    run_device,
+)
 
 
 @click.command("refl")
@@ -19,13 +26,11 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
       facerestore refl --config configs/refl_tiny.toml --data data/train_faces --out runs/refl
       facerestore restore photos/ -o out/ --lora runs/refl/lora.safetensors
     """
-    from ..rewards.backbones import BackboneError
-    from ..train.refl import ReflConfig, train_refl
-
-    cli = _cli()
+    from facerestore_cli.rewards.backbones import BackboneError
+    from facerestore_cli.train.refl import ReflConfig, train_refl
     cfg = load_run_config(ReflConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     dev = run_device(device)
-    with cli._progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("refl", total=cfg.steps)
 
         def on_step(step: int, terms: dict[str, float]) -> None:
@@ -38,7 +43,7 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
             result = train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
         except (FileNotFoundError, BackboneError, ValueError) as err:
             progress.stop()
-            cli.fail(str(err))
+            fail(str(err))
     print_run_summary("refl summary", result)
     done = [f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
     if result["frm"] == "dynamic":

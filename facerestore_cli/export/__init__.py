@@ -10,6 +10,6 @@
 Nothing here imports onnx, onnxruntime or tensorrt at import time: they are optional extras.
 """
 
-from .meta import BackendUnavailable, EngineError
+from facerestore_cli.export.meta import BackendUnavailable, EngineError
 
 __all__ = ["BackendUnavailable", "EngineError"]

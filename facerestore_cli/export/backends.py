@@ -13,12 +13,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.configs import RestorerConfig
-from .engines import cached_onnx, cached_tensorrt
-from .meta import BackendUnavailable, EngineError, EngineMeta, check_meta, read_meta
-from .onnx_export import INPUT, OUTPUT
-from .source import ModelSource
-from .tensorrt_build import gpu_name, require_tensorrt
+from facerestore_cli.errors import InputError
+from facerestore_cli.export.engines import cached_onnx, cached_tensorrt
+from facerestore_cli.export.meta import (
+    BackendUnavailable,
+    EngineError,
+    EngineMeta,
+    check_meta,
+    read_meta,
+)
+from facerestore_cli.export.onnx_export import INPUT, OUTPUT
+from facerestore_cli.export.source import ModelSource
+from facerestore_cli.export.tensorrt_build import gpu_name, require_tensorrt
+from facerestore_cli.models.configs import RestorerConfig
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 
@@ -135,7 +142,7 @@ def load_backend(kind: str, source: ModelSource, device: torch.device, precision
         meta = _checked(path, kind, source)
         _check_tensorrt_meta(path, meta, gpu, trt.__version__, batch_size)
         return TensorRTBackend(path, meta, device)
-    raise ValueError(f"unknown backend {kind!r}; known: {', '.join(BACKENDS)}")
+    raise InputError(f"unknown backend {kind!r}; known: {', '.join(BACKENDS)}")
 
 
 def _checked(path: Path, kind: str, source: ModelSource) -> EngineMeta:

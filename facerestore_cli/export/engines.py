@@ -12,13 +12,24 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..models.restorer import OneStepRestorer, architecture_fingerprint
-from .cache import engine_cache_path
-from .meta import EngineError, EngineMeta, check_meta, read_meta, sidecar_path, write_meta
-from .onnx_export import DEFAULT_OPSET, export_onnx, require_onnx
-from .source import ModelSource
-from .tensorrt_build import build_tensorrt, gpu_name, require_tensorrt
+from facerestore_cli import __version__
+from facerestore_cli.export.cache import engine_cache_path
+from facerestore_cli.export.meta import (
+    EngineError,
+    EngineMeta,
+    check_meta,
+    read_meta,
+    sidecar_path,
+    write_meta,
+)
+from facerestore_cli.export.onnx_export import DEFAULT_OPSET, export_onnx, require_onnx
+from facerestore_cli.export.source import ModelSource
+from facerestore_cli.export.tensorrt_build import (
+    build_tensorrt,
+    gpu_name,
+    require_tensorrt,
+)
+from facerestore_cli.models.restorer import OneStepRestorer, architecture_fingerprint
 
 #: TensorRT engines made on demand by `restore` cover at least this many faces per call.
 MIN_CACHED_MAX_BATCH = 4

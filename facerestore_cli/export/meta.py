@@ -11,11 +11,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from facerestore_cli.errors import FacerestoreError
+
 ENGINE_FORMAT = "facerestore-engine/1"
 KINDS = ("onnx", "tensorrt")
 
 
-class EngineError(ValueError):
+class EngineError(FacerestoreError, ValueError):
     """An engine file is missing, unreadable, or was made for something else (one-line message)."""
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..models.restorer import OneStepRestorer
-from .meta import BackendUnavailable
+from facerestore_cli.export.meta import BackendUnavailable
+from facerestore_cli.models.restorer import OneStepRestorer
 
 INPUT, OUTPUT = "lq", "restored"
 DEFAULT_OPSET = 17

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..models.configs import get_config
-from ..models.restorer import CONFIG_FILE, OneStepRestorer, read_lora_metadata
+from facerestore_cli.errors import MissingFileError
+from facerestore_cli.models.configs import get_config
+from facerestore_cli.models.restorer import (
+    CONFIG_FILE,
+    OneStepRestorer,
+    read_lora_metadata,
+)
 
 #: Sub-folders that hold weights/configs the restorer loads (an SD folder's text encoder only
 #: shapes the prompt, which a restorer folder stores as prompt_embeds.safetensors at the root).
@@ -36,7 +41,7 @@ class ModelSource:
         """16 hex digits over the model folder's files and the LoRA/OSEDiff files (computed once)."""
         if self._fingerprint is None:
             if not self.model.is_dir():
-                raise FileNotFoundError(f"model folder not found: {self.model}")
+                raise MissingFileError(f"model folder not found: {self.model}")
             h = hashlib.sha256()
             for f in _model_files(self.model):
                 h.update(f.relative_to(self.model).as_posix().encode() + b"\0" + _digest(f))
@@ -61,7 +66,7 @@ class ModelSource:
 
     def load(self, device: torch.device, dtype: torch.dtype) -> OneStepRestorer:
         """The torch restorer, LoRA/OSEDiff merged (the same loader `restore --backend torch` uses)."""
-        from ..pipeline import load_restorer
+        from facerestore_cli.models.loading import load_restorer
 
         return load_restorer(self.model, self.lora, device, dtype, self.osediff)
 
@@ -85,6 +90,6 @@ def _model_files(root: Path) -> list[Path]:
 
 def _digest(path: Path) -> bytes:
     if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+        raise MissingFileError(f"file not found: {path}")
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").digest()

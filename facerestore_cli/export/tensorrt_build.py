@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .meta import BackendUnavailable, EngineError
-from .onnx_export import INPUT
+from facerestore_cli.export.meta import BackendUnavailable, EngineError
+from facerestore_cli.export.onnx_export import INPUT
 
 INSTALL_HINT = "TensorRT is not installed: `pip install tensorrt` on a machine with an NVIDIA GPU and CUDA (or use --backend onnx)"
 

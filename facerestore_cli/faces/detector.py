@@ -7,62 +7,23 @@ sorted by box area, largest first, so "the main face" is always `faces[0]`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+import cv2
 import numpy as np
 
-from .. import WEIGHTS_DIR
+from facerestore_cli.faces.face import Detector, DetectorUnavailable, Face, make_faces
+from facerestore_cli.paths import detector_weights
 
 DETECTORS = ("mtcnn", "retinaface")
 MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
-
-
-class DetectorUnavailable(Exception):
-    """The requested detector cannot run here (unknown name, weights missing); message is one line."""
-
-
-@dataclass
-class Face:
-    """One detected face: box x1,y1,x2,y2 (float32, pixels), score in [0,1], landmarks (5,2) x,y."""
-
-    box: np.ndarray
-    score: float
-    landmarks: np.ndarray
-
-    @property
-    def area(self) -> float:
-        x1, y1, x2, y2 = (float(v) for v in self.box)
-        return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-
-
-class Detector(Protocol):
-    def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
-        """Faces per RGB uint8 HxWx3 image, largest first."""
-        ...
-
-    def follow(self, image: np.ndarray, faces: list[Face]) -> list[Face | None]:
-        """`faces` (of a video's frame before) found again in `image`, in order; None for a face
-        that is not there any more. Used between whole-frame searches (faces/tracking.py)."""
-        ...
-
-
-def make_faces(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, min_face_size: float = 0) -> list[Face]:
-    """Backend arrays -> Face list, dropping faces below min_face_size, sorted by area descending."""
-    faces = [
-        Face(np.asarray(b, np.float32).reshape(4), float(s), np.asarray(lm, np.float32).reshape(5, 2))
-        for b, s, lm in zip(boxes, scores, landmarks)
-    ]
-    faces = [f for f in faces if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face_size]
-    return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
 class MTCNNDetector:
     """`Detector` over the project's own MTCNN implementation."""
 
     def __init__(self, weights_dir: Path, device: str = "cpu", threshold: float = 0.7, min_face_size: int = 20):
-        from .mtcnn import MTCNN
+        from facerestore_cli.faces.mtcnn import MTCNN
 
         self.model = MTCNN(weights_dir, device=device, thresholds=(0.6, 0.7, threshold), min_face_size=min_face_size)
         self.min_face_size = min_face_size
@@ -83,24 +44,6 @@ class MTCNNDetector:
             next(iter(make_faces([b], [s], [lm], self.min_face_size)), None) if s > threshold else None
             for b, s, lm in zip(found.boxes, found.scores, found.landmarks)
         ]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two x1,y1,x2,y2 boxes."""
-    ix = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    iy = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
-
-
-def match_faces(found: list[Face], faces: list[Face], min_iou: float = 0.3) -> list[Face | None]:
-    """For each of `faces`, the face of `found` overlapping it most (at least `min_iou`), or None:
-    `follow` for a detector that can only search whole images."""
-    out: list[Face | None] = []
-    for face in faces:
-        best = max(found, key=lambda f: box_iou(f.box, face.box), default=None)
-        out.append(best if best is not None and box_iou(best.box, face.box) >= min_iou else None)
-    return out
 
 
 def build_detector(
@@ -125,12 +68,25 @@ def build_detector(
 
         if not torch.cuda.is_available():
             raise DetectorUnavailable(f"device {device!r} requested but CUDA is not available")
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR / key
+    folder = Path(weights_dir) if weights_dir is not None else detector_weights(key)
     if key == "mtcnn":
         missing = [f for f in MTCNN_FILES if not (folder / f).is_file()]
         if missing:
             raise DetectorUnavailable(f"MTCNN weights not found in {folder}: missing {', '.join(missing)}")
         return MTCNNDetector(folder, device=device, threshold=threshold, min_face_size=min_face_size)
-    from .retinaface import RetinaFaceDetector
+    from facerestore_cli.faces.retinaface import RetinaFaceDetector
 
     return RetinaFaceDetector(folder, device=device, threshold=threshold, min_face_size=min_face_size)
+
+
+def detect_padded(detector: Detector, rgb: np.ndarray, pad: float = 0.25) -> list:
+    """Detect on a grey-bordered copy: MTCNN misses faces that fill or touch the whole frame,
+    which tight face crops (CelebA, web crops) often do. Landmarks come back in `rgb` pixels."""
+    py, px = int(rgb.shape[0] * pad), int(rgb.shape[1] * pad)
+    padded = cv2.copyMakeBorder(rgb, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
+    faces = detector.detect([padded])[0]
+    offset = np.array([px, py], dtype=np.float32)
+    for f in faces:
+        f.landmarks = f.landmarks - offset
+        f.box = f.box - np.tile(offset, 2)
+    return faces

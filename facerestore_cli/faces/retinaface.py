@@ -15,7 +15,12 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from .detector import DetectorUnavailable, Face, make_faces, match_faces
+from facerestore_cli.faces.face import (
+    DetectorUnavailable,
+    Face,
+    make_faces,
+    match_faces,
+)
 
 WEIGHT_FILE = "detection_Resnet50_Final.pth"
 NMS_IOU = 0.4
@@ -95,7 +100,10 @@ class RetinaFaceDetector:
 
     @torch.inference_mode()
     def _detect_same_size(self, images: list[np.ndarray]) -> list[list[Face]]:
-        from facexlib.detection.retinaface_utils import batched_decode, batched_decode_landm
+        from facexlib.detection.retinaface_utils import (
+            batched_decode,
+            batched_decode_landm,
+        )
 
         h, w = images[0].shape[:2]
         # The network was trained on BGR images minus the BGR mean, at any size.

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .align import BORDER_GREY, MIN_WARP_SCALE, _affine_scale, _bounds, _compose, _resize_map, feather_mask
+from facerestore_cli.faces.align import (
+    BORDER_GREY,
+    MIN_WARP_SCALE,
+    _affine_scale,
+    _bounds,
+    _compose,
+    _resize_map,
+    feather_mask,
+)
 
 
 def _grid(matrix: np.ndarray, width: int, height: int, src_w: int, src_h: int, device: torch.device) -> Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detector import Detector, Face, box_iou
+from facerestore_cli.faces.face import Detector, Face, box_iou
 
 #: Frames per whole-frame search: a third of a second at 24 fps.
 DEFAULT_DETECT_EVERY = 8

@@ -21,8 +21,8 @@ A metric that cannot run here is listed with a one-line reason; none ever downlo
 returns a made-up number.
 """
 
-from .base import EVAL_EXTRA, Metric, MetricInfo, MetricUnavailable, finite_mean
-from .registry import available_metrics, create_metric, list_metrics, metric_info, unavailable_metrics
+from facerestore_cli.metrics.base import EVAL_EXTRA, Metric, MetricInfo, MetricUnavailable, finite_mean
+from facerestore_cli.metrics.registry import available_metrics, create_metric, list_metrics, metric_info, unavailable_metrics
 
 __all__ = [
     "EVAL_EXTRA",

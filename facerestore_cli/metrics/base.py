@@ -15,10 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
+from facerestore_cli.errors import FacerestoreError
+
 EVAL_EXTRA = 'pip install -e ".[eval]"'
 
 
-class MetricUnavailable(RuntimeError):
+class MetricUnavailable(FacerestoreError, RuntimeError):
     """A metric cannot run here (missing package or weights); the message is the one-line reason."""
 
 

@@ -7,7 +7,7 @@ import math
 import cv2
 import numpy as np
 
-from .base import Metric, rgb_to_luma
+from facerestore_cli.metrics.base import Metric, rgb_to_luma
 
 #: PSNR of identical images is infinite; it is reported as this cap so tables and JSON stay finite.
 PSNR_CAP_DB = 100.0

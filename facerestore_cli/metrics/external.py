@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .base import Metric, MetricUnavailable
+from facerestore_cli.metrics.base import Metric, MetricUnavailable
 
 #: torchvision's ImageNet AlexNet weights, the backbone of LPIPS (net="alex").
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"

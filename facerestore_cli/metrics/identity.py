@@ -27,9 +27,10 @@ import importlib.util
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
+
 import numpy as np
 
-from .base import EVAL_EXTRA, Metric, MetricUnavailable
+from facerestore_cli.metrics.base import EVAL_EXTRA, Metric, MetricUnavailable
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE_FILE = "shape_predictor_5_face_landmarks.dat"

@@ -29,10 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import WEIGHTS_DIR
-from .base import Metric, rgb_to_grey
+from facerestore_cli.metrics.base import Metric, rgb_to_grey
+from facerestore_cli.paths import NIQE_PARAMS
 
-NIQE_PARAMS = WEIGHTS_DIR / "niqe" / "niqe_pris_params.npz"
 PATCH = 96
 
 

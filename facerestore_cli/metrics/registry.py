@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from .base import Metric, MetricInfo, MetricUnavailable
-from .classic import PSNR, SSIM
-from .external import LPIPS, PYIQA_METRICS, PYIQA_PREFIX, PyiqaMetric, pyiqa_installed, pyiqa_unavailable_reason
-from .frm import FRMScore
-from .identity import IdentityDistance, IdentitySimilarity
-from .niqe import NIQE
-from .reward import LrpoReward
+from facerestore_cli.errors import InputError
+from facerestore_cli.metrics.base import Metric, MetricInfo, MetricUnavailable
+from facerestore_cli.metrics.classic import PSNR, SSIM
+from facerestore_cli.metrics.external import (
+    LPIPS,
+    PYIQA_METRICS,
+    PYIQA_PREFIX,
+    PyiqaMetric,
+    pyiqa_installed,
+    pyiqa_unavailable_reason,
+)
+from facerestore_cli.metrics.identity import IdentityDistance, IdentitySimilarity
+from facerestore_cli.metrics.niqe import NIQE
 
-#: The project's own metrics, in the order tables show them.
-BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE, FRMScore, LrpoReward)}
+#: The project's own metrics, in the order tables show them. Parts above `metrics` add theirs
+#: with `register_metric` (importing `facerestore_cli.rewards` adds `frm` and `lrpo_reward`), so
+#: the registry itself depends on no model.
+BUILTIN: dict[str, type[Metric]] = {m.name: m for m in (PSNR, SSIM, IdentitySimilarity, IdentityDistance, LPIPS, NIQE)}
+
+
+def register_metric(cls: type[Metric]) -> type[Metric]:
+    """Add a metric class to the registry under its `name` (a class decorator)."""
+    BUILTIN[cls.name] = cls
+    return cls
 
 
 def list_metrics() -> list[str]:
@@ -42,7 +56,7 @@ def metric_info(name: str) -> MetricInfo:
         if spec is None:
             return MetricInfo(key, False, False, f"pyiqa {pyiqa_name}", reason)
         return MetricInfo(key, spec.full_reference, spec.lower_better, spec.description + " (via pyiqa)", reason)
-    raise ValueError(f"unknown metric {name!r}; known: {', '.join(list_metrics())} (or pyiqa:<name> with pyiqa installed)")
+    raise InputError(f"unknown metric {name!r}; known: {', '.join(list_metrics())} (or pyiqa:<name> with pyiqa installed)")
 
 
 def available_metrics() -> list[str]:

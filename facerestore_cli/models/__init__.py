@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .configs import RestorerConfig, get_config, list_configs, register_config
+from facerestore_cli.models.configs import RestorerConfig, get_config, list_configs, register_config
 
 _LAZY = {
     "OneStepRestorer": "restorer",

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from facerestore_cli.errors import InputError
+
 COLOR_FIXES = ("wavelet", "adain", "none")
 #: wavelet by default: on held-out faces it beat adain and no fix on PSNR, SSIM, identity and
 #: NIQE (benchmarks/RESULTS.md).
@@ -31,11 +33,11 @@ def parse_color_fix(spec: str) -> tuple[str, int]:
     method, _, levels = spec.partition(":")
     allowed = f"color fix must be one of {', '.join(COLOR_FIXES)} or wavelet:N (N = 1..{MAX_WAVELET_LEVELS}), not {spec!r}"
     if method not in COLOR_FIXES or (levels and method != "wavelet"):
-        raise ValueError(allowed)
+        raise InputError(allowed)
     if not levels:
         return method, DEFAULT_WAVELET_LEVELS
     if not levels.isdigit() or not 1 <= int(levels) <= MAX_WAVELET_LEVELS:
-        raise ValueError(allowed)
+        raise InputError(allowed)
     return method, int(levels)
 
 

@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from facerestore_cli.errors import InputError
+
 __all__ = ["RestorerConfig", "get_config", "list_configs", "register_config"]
 
 #: Fixed timestep of the one UNet step (OSEDiff uses 999: the input latent is treated as pure noise level).
@@ -90,7 +92,7 @@ class RestorerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown restorer config keys: {', '.join(unknown)}")
+            raise InputError(f"unknown restorer config keys: {', '.join(unknown)}")
         return cls(**copy.deepcopy(data))
 
     def with_overrides(self, name: str | None = None, **changes: Any) -> RestorerConfig:
@@ -101,7 +103,7 @@ class RestorerConfig:
         data = copy.deepcopy(asdict(self))
         for key, value in changes.items():
             if key not in data:
-                raise ValueError(f"unknown restorer config field {key!r}")
+                raise InputError(f"unknown restorer config field {key!r}")
             if isinstance(data[key], dict) and isinstance(value, dict):
                 data[key].update(copy.deepcopy(value))
             else:
@@ -114,34 +116,34 @@ class RestorerConfig:
     def validate(self) -> None:
         lat = self.latent_channels
         if self.unet.get("in_channels", 4) != lat or self.unet.get("out_channels", 4) != lat:
-            raise ValueError(
+            raise InputError(
                 f"config {self.name!r}: unet in/out channels must equal vae latent_channels ({lat})"
             )
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"config {self.name!r}: unsupported prediction_type {self.prediction_type!r}")
+            raise InputError(f"config {self.name!r}: unsupported prediction_type {self.prediction_type!r}")
         steps = int(self.scheduler.get("num_train_timesteps", 1000))
         if not 0 <= self.timestep < steps:
-            raise ValueError(f"config {self.name!r}: timestep {self.timestep} outside [0, {steps})")
+            raise InputError(f"config {self.name!r}: timestep {self.timestep} outside [0, {steps})")
         if self.prompt_tokens < 1:
-            raise ValueError(f"config {self.name!r}: prompt_tokens must be >= 1")
+            raise InputError(f"config {self.name!r}: prompt_tokens must be >= 1")
         if not 1 <= self.sampling_steps <= self.timestep + 1:
-            raise ValueError(f"config {self.name!r}: sampling_steps must be between 1 and timestep + 1 ({self.timestep + 1})")
+            raise InputError(f"config {self.name!r}: sampling_steps must be between 1 and timestep + 1 ({self.timestep + 1})")
         levels = len(self.vae.get("block_out_channels", (64,)))
         if any(not 0 <= lv <= levels for lv in self.skip_levels) or len(set(self.skip_levels)) != len(self.skip_levels):
-            raise ValueError(
+            raise InputError(
                 f"config {self.name!r}: skip_levels must be distinct decoder up-block indices in 0..{levels - 1}"
                 f" (or {levels}: the output gate), not {self.skip_levels}"
             )
         bad = [s for s in self.working_sizes if not 0 < s < self.face_size or s % self.size_multiple]
         if bad:
-            raise ValueError(f"config {self.name!r}: working_sizes must be below face_size ({self.face_size}) and multiples of {self.size_multiple}, not {bad}")
+            raise InputError(f"config {self.name!r}: working_sizes must be below face_size ({self.face_size}) and multiples of {self.size_multiple}, not {bad}")
         self._check_groups("vae", self.vae, int(self.vae.get("norm_num_groups", 32)))
         self._check_groups("unet", self.unet, int(self.unet.get("norm_num_groups", 32)))
 
     def _check_groups(self, part: str, kwargs: dict[str, Any], groups: int) -> None:
         for ch in kwargs.get("block_out_channels", ()):
             if int(ch) % groups:
-                raise ValueError(
+                raise InputError(
                     f"config {self.name!r}: {part} channels {ch} not divisible by norm_num_groups {groups}"
                 )
 
@@ -279,7 +281,7 @@ def get_config(name: str | RestorerConfig, **overrides: Any) -> RestorerConfig:
         try:
             base = copy.deepcopy(_REGISTRY[name])
         except KeyError:
-            raise ValueError(f"unknown restorer config {name!r}; known: {', '.join(list_configs())}") from None
+            raise InputError(f"unknown restorer config {name!r}; known: {', '.join(list_configs())}") from None
     return base.with_overrides(**overrides) if overrides else base
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .color import DEFAULT_COLOR_FIX, color_fix
-from .configs import RestorerConfig
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX, color_fix
+from facerestore_cli.models.configs import RestorerConfig
 
 if TYPE_CHECKING:
-    from .restorer import OneStepRestorer
+    from facerestore_cli.models.restorer import OneStepRestorer
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .inference import RestorerWrapper
-from .restorer import OneStepRestorer
+from facerestore_cli.models.inference import RestorerWrapper
+from facerestore_cli.models.restorer import OneStepRestorer
 
 #: An output face counts as black when no pixel is above this (in [-1, 1]: grey level 2 of 255).
 BLACK_LEVEL = -1 + 4 / 255

@@ -33,9 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .configs import RestorerConfig, get_config
-from .sampler import restore_latent
-from .skips import SkipFusion, Skips, decode_fused, encode_moments
+from facerestore_cli.errors import FacerestoreError, InputError, MissingFileError
+from facerestore_cli.models.configs import RestorerConfig, get_config
+from facerestore_cli.models.sampler import restore_latent
+from facerestore_cli.models.skips import SkipFusion, Skips, decode_fused, encode_moments
 
 __all__ = [
     "CONFIG_FILE",
@@ -67,7 +68,7 @@ _VAE_LORA_PATTERNS = (
 )  # fmt: skip
 
 
-class LoraMismatchError(ValueError):
+class LoraMismatchError(FacerestoreError, ValueError):
     """A LoRA file does not fit the model it is loaded into."""
 
 
@@ -153,9 +154,17 @@ def load_diffusers_parts(root: Path, torch_dtype: torch.dtype | None = None) -> 
     return vae, unet, scheduler
 
 
+def _read_config(path: Path) -> RestorerConfig:
+    """A model folder's restorer config; a broken file is the user's to fix, not a traceback."""
+    try:
+        return RestorerConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not JSON ({err})") from None
+
+
 def _check_folder(path: Path, what: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
 
 
 # ------------------------------------------------------------------------------------ model
@@ -296,7 +305,7 @@ class OneStepRestorer(nn.Module):
         a model with fusion already gets the levels it lacks, trained ones are kept."""
         have = list(self.config.skip_levels)
         if set(have) - set(levels):
-            raise ValueError(f"skip_levels {sorted(levels)}: the model has skip fusion at {have}, which cannot be removed")
+            raise InputError(f"skip_levels {sorted(levels)}: the model has skip fusion at {have}, which cannot be removed")
         new = [lv for lv in levels if lv not in have]
         if not new:
             return
@@ -365,16 +374,12 @@ class OneStepRestorer(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> OneStepRestorer:
-        """Load a `save_pretrained` folder; a Stable Diffusion 2.1 folder is routed to `upstream`."""
+        """Load a `save_pretrained` folder (a Stable Diffusion 2.1 folder: `models.loading`)."""
         root = Path(directory)
         _check_folder(root, "model folder")
         if not (root / CONFIG_FILE).is_file():
-            if (root / "unet").is_dir() and (root / "vae").is_dir():
-                from .upstream import load_sd21_folder
-
-                return load_sd21_folder(root, torch_dtype=torch_dtype, device=device)
-            raise FileNotFoundError(f"{root} is not a restorer folder (no {CONFIG_FILE}, no vae/ + unet/)")
-        config = RestorerConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+            raise MissingFileError(f"{root} is not a restorer folder (no {CONFIG_FILE})")
+        config = _read_config(root / CONFIG_FILE)
         for part in ("vae", "unet", "scheduler", PROMPT_FILE):
             _check_folder(root / part, f"'{part}' of restorer folder")
         vae, unet, scheduler = load_diffusers_parts(root, torch_dtype)

@@ -21,13 +21,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .restorer import OneStepRestorer
+from facerestore_cli.models.configs import RestorerConfig
+
+
+class LatentDenoiser(Protocol):
+    """What the sampler needs of a restorer (`LatentDenoiser` is one): its config, its noise
+    schedule and its x0 prediction. A protocol, so the restorer can use the sampler without the
+    two modules importing each other."""
+
+    config: RestorerConfig
+
+    def alpha_bar(self, t: int | Tensor, batch: int, device: torch.device) -> Tensor: ...
+
+    def denoise_latent(self, z: Tensor, timestep: int | Tensor | None = None) -> Tensor: ...
 
 #: t_prev of the last step: the clean latent (alpha_bar = 1).
 CLEAN = -1
@@ -64,7 +75,7 @@ class StepDistribution:
     x0: Tensor
 
 
-def step_distribution(model: OneStepRestorer, z_t: Tensor, t: int, t_prev: int, eta: float, final_std: float) -> StepDistribution:
+def step_distribution(model: LatentDenoiser, z_t: Tensor, t: int, t_prev: int, eta: float, final_std: float) -> StepDistribution:
     """DDIM's transition from z_t (at t) towards t_prev, with eta's share of fresh noise.
 
     With a = alpha_bar(t), a' = alpha_bar(t_prev), x0 the UNet's prediction and eps = (z_t - sqrt(a) x0) / sqrt(1 - a):
@@ -79,7 +90,7 @@ def step_distribution(model: OneStepRestorer, z_t: Tensor, t: int, t_prev: int, 
     return StepDistribution(mean, std, x0)
 
 
-def ddim_posterior(model: OneStepRestorer, z_t: Tensor, x0: Tensor, t: int, t_prev: int, eta: float) -> tuple[Tensor, float]:
+def ddim_posterior(model: LatentDenoiser, z_t: Tensor, x0: Tensor, t: int, t_prev: int, eta: float) -> tuple[Tensor, float]:
     """Mean and std of DDIM's move from z_t towards t_prev given a clean latent x0 (predicted by
     the UNet for the policy, the ground truth's for the likelihood term)."""
     a, a_prev = model.alpha_bar(t, 1, z_t.device), model.alpha_bar(t_prev, 1, z_t.device)
@@ -103,7 +114,7 @@ class Transition:
 
 
 @torch.no_grad()
-def sample_trajectories(model: OneStepRestorer, z_start: Tensor, steps: int, eta: float, final_std: float, generator: torch.Generator | None = None) -> tuple[Tensor, list[Transition]]:
+def sample_trajectories(model: LatentDenoiser, z_start: Tensor, steps: int, eta: float, final_std: float, generator: torch.Generator | None = None) -> tuple[Tensor, list[Transition]]:
     """Draw one trajectory per start latent; returns the sampled clean latents and the transitions."""
     z, path = z_start.float(), []
     for t, t_prev in sampling_timesteps(model.config.timestep, steps):
@@ -116,13 +127,13 @@ def sample_trajectories(model: OneStepRestorer, z_start: Tensor, steps: int, eta
     return z, path
 
 
-def transition_log_prob(model: OneStepRestorer, step: Transition, eta: float, final_std: float) -> Tensor:
+def transition_log_prob(model: LatentDenoiser, step: Transition, eta: float, final_std: float) -> Tensor:
     """log pi(z_next | z_t) under the model's current weights (with gradients)."""
     dist = step_distribution(model, step.z_t, step.t, step.t_prev, eta, final_std)
     return gaussian_log_prob(step.z_next, dist.mean, max(dist.std, 1e-8))
 
 
-def restore_latent(model: OneStepRestorer, z: Tensor, steps: int) -> Tensor:
+def restore_latent(model: LatentDenoiser, z: Tensor, steps: int) -> Tensor:
     """Clean latent along the sampler's means (deterministic); steps = 1 is the one-step restorer."""
     if steps == 1:
         return model.denoise_latent(z)

@@ -29,8 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .configs import RestorerConfig, get_config
-from .restorer import OneStepRestorer, _plain_config, load_diffusers_parts
+from facerestore_cli.errors import InputError, MissingFileError
+from facerestore_cli.models.configs import RestorerConfig, get_config
+from facerestore_cli.models.restorer import (
+    OneStepRestorer,
+    _plain_config,
+    load_diffusers_parts,
+)
 
 __all__ = [
     "OSEDIFF_UNET_ADAPTERS",
@@ -77,7 +82,7 @@ def load_sd21_folder(
         embeds = encode_prompt(root, prompt)
     cross_dim = int(unet.config.cross_attention_dim)
     if embeds.shape[-1] != cross_dim:
-        raise ValueError(f"prompt embeddings have width {embeds.shape[-1]}, unet cross_attention_dim is {cross_dim}")
+        raise InputError(f"prompt embeddings have width {embeds.shape[-1]}, unet cross_attention_dim is {cross_dim}")
     cfg = get_config(config).with_overrides(
         vae=_plain_config(vae.config),
         unet=_plain_config(unet.config),
@@ -90,11 +95,11 @@ def load_sd21_folder(
 
 def _check_sd_layout(root: Path, need_text: bool) -> None:
     if not root.is_dir():
-        raise FileNotFoundError(f"Stable Diffusion folder not found: {root}")
+        raise MissingFileError(f"Stable Diffusion folder not found: {root}")
     required = list(_SD_REQUIRED) + (["text_encoder/config.json", "tokenizer"] if need_text else [])
     missing = [r for r in required if not (root / r).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}"
         )
 
@@ -121,7 +126,7 @@ def load_prompt_embeds_file(path: str | Path) -> Tensor:
     """
     src = Path(path)
     if not src.is_file():
-        raise FileNotFoundError(f"prompt embeddings file not found: {src}")
+        raise MissingFileError(f"prompt embeddings file not found: {src}")
     if src.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -131,15 +136,15 @@ def load_prompt_embeds_file(path: str | Path) -> Tensor:
         elif len(tensors) == 1:
             t = next(iter(tensors.values()))
         else:
-            raise ValueError(f"{src}: expected a 'prompt_embeds' tensor, found {sorted(tensors)}")
+            raise InputError(f"{src}: expected a 'prompt_embeds' tensor, found {sorted(tensors)}")
     else:
         t = torch.load(src, map_location="cpu", weights_only=True)
         if not isinstance(t, Tensor):
-            raise ValueError(f"{src}: expected a tensor, got {type(t).__name__}")
+            raise InputError(f"{src}: expected a tensor, got {type(t).__name__}")
     if t.dim() == 2:
         t = t[None]
     if t.dim() != 3 or t.shape[0] != 1:
-        raise ValueError(f"{src}: prompt embeddings must be TxD or 1xTxD, got {tuple(t.shape)}")
+        raise InputError(f"{src}: prompt embeddings must be TxD or 1xTxD, got {tuple(t.shape)}")
     return t.float()
 
 
@@ -173,21 +178,21 @@ def _add_osediff_adapter(
         restorer._add_adapter(part, adapter, rank, OSEDIFF_LORA_ALPHA, _targets(modules))
     except ValueError as exc:  # peft: target modules not found -> wrong base model
         first = str(exc).splitlines()[0][:200]
-        raise ValueError(f"{pkl_path}: cannot apply {part} adapter {adapter!r} to this model: {first}") from None
+        raise InputError(f"{pkl_path}: cannot apply {part} adapter {adapter!r} to this model: {first}") from None
 
 
 def _read_osediff_pkl(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"OSEDiff checkpoint not found: {path}")
+        raise MissingFileError(f"OSEDiff checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types
-        raise ValueError(f"{path} is not a readable OSEDiff checkpoint: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"{path} is not a readable OSEDiff checkpoint: {str(exc).splitlines()[0]}") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not an OSEDiff checkpoint (top level is {type(ckpt).__name__}, not dict)")
+        raise InputError(f"{path} is not an OSEDiff checkpoint (top level is {type(ckpt).__name__}, not dict)")
     missing = [k for k in ("state_dict_unet", *OSEDIFF_UNET_ADAPTERS) if k not in ckpt]
     if missing:
-        raise ValueError(f"{path} is not an OSEDiff checkpoint: missing keys {', '.join(missing)}")
+        raise InputError(f"{path} is not an OSEDiff checkpoint: missing keys {', '.join(missing)}")
     return ckpt
 
 
@@ -195,7 +200,7 @@ def _first_key(ckpt: dict[str, Any], keys: tuple[str, ...], path: str | Path) ->
     for k in keys:
         if k in ckpt:
             return ckpt[k]
-    raise ValueError(f"{path}: no LoRA rank in checkpoint (looked for {', '.join(keys)})")
+    raise InputError(f"{path}: no LoRA rank in checkpoint (looked for {', '.join(keys)})")
 
 
 def _targets(names: list[str]) -> list[str]:
@@ -223,12 +228,12 @@ def _copy_osediff_weights(module: torch.nn.Module, state: dict[str, Tensor], gre
                 missing.append(name)
                 continue
             if state[key].shape != param.shape:
-                raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, model {tuple(param.shape)}")
+                raise InputError(f"{where}: {key} has shape {tuple(state[key].shape)}, model {tuple(param.shape)}")
             param.copy_(state[key].to(param.dtype))
             copied += 1
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{where}: {len(missing)} weights missing from checkpoint (e.g. {missing[0]}); wrong base model?"
         )
     if copied == 0:
-        raise ValueError(f"{where}: no weights copied")
+        raise InputError(f"{where}: no weights copied")

@@ -1,14 +1,16 @@
-"""The Face Reward Model (FRM) and its annotations: a learned judge of restored faces.
+"""Reward models: judges of restored faces, used to score and to fine-tune restorers.
 
-- `frm.py`: the model (config, scoring, save/load, upstream HPSv2 / FaceRewardModel.pth files)
-- `backbones.py`: the compact CNN trained here and the open_clip (HPSv2 layout) backbone
-- `annotations.py`: the pairs format, importing and validating human labels
-- `autopairs.py`: automatic pairs (ground truth > restored > degraded, milder > stronger)
-- `svm.py`: the hybrid pipeline, an SVM trained on human labels labels the rest
-- `frm_training.py`: Bradley-Terry training with validation, checkpoints and resume
-- `labelling/`: the local page that shows two faces and records which is better
+- `frm.py`: the Face Reward Model (config, scoring, save/load, upstream HPSv2 /
+  FaceRewardModel.pth files); `backbones.py`: its compact CNN and open_clip (HPSv2) backbones
+- `composite.py`: LRPO's composite reward (FRM, fidelity, quality, structure)
+- `scoring.py`: FRM scores of image files (`facerestore score`)
+- `metrics.py`: both as metrics of the registry (`frm`, `lrpo_reward`), registered on import
+
+Preference pairs, the SVM labeller and the labelling page are data (`facerestore_cli.data`);
+training the FRM is `facerestore_cli.train.frm`.
 """
 
-from .frm import FaceRewardModel, FrmConfig, load_frm
+from facerestore_cli.rewards import metrics as _registered_metrics  # noqa: F401  (adds frm, lrpo_reward to the metric registry)
+from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig, load_frm
 
 __all__ = ["FaceRewardModel", "FrmConfig", "load_frm"]

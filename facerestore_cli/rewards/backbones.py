@@ -25,10 +25,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from facerestore_cli.errors import FacerestoreError
+
 CLIP_EXTRA = 'pip install -e ".[clip]"'
 
 
-class BackboneError(ValueError):
+class BackboneError(FacerestoreError, ValueError):
     """A backbone cannot be built or a checkpoint does not fit it; the message is one line."""
 
 

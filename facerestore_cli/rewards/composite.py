@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..metrics import MetricUnavailable, create_metric, metric_info
-from ..models.color import low_frequency
-from ..train.losses import EncoderPerceptualLoss
-from .frm import FaceRewardModel
+from facerestore_cli.errors import InputError
+from facerestore_cli.metrics import MetricUnavailable, create_metric, metric_info
+from facerestore_cli.models.color import low_frequency
+from facerestore_cli.models.perceptual import EncoderPerceptualLoss
+from facerestore_cli.rewards.frm import FaceRewardModel
 
 #: the structure term's sharpness: exp(-15 L1) of images in [0, 1] (the paper's constant).
 STRUCTURE_SCALE = 15.0
@@ -81,7 +82,7 @@ class CompositeReward:
             info = metric_info(name)
             if info.full_reference != full_reference:
                 need = "full-reference (compared with the ground truth)" if full_reference else "no-reference"
-                raise ValueError(f"{name} cannot be the {component} reward: it needs a {need} metric")
+                raise InputError(f"{name} cannot be the {component} reward: it needs a {need} metric")
             return create_metric(name)
         except MetricUnavailable as err:
             self.dropped[component] = str(err)
@@ -102,7 +103,7 @@ class CompositeReward:
         """Higher is better for every component; a metric that cannot score these images is an error, not a zero."""
         v = torch.tensor(values, dtype=torch.float32)
         if not torch.isfinite(v).all():
-            raise ValueError(f"{metric.name} cannot score these restorations (it gave nan; NIQE needs faces of at least 96 px): raise face_size or choose another metric")
+            raise InputError(f"{metric.name} cannot score these restorations (it gave nan; NIQE needs faces of at least 96 px): raise face_size or choose another metric")
         return -v if metric.lower_better else v
 
     @torch.no_grad()

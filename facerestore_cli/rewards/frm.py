@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .backbones import BackboneError, CompactBackbone, OpenClipBackbone, load_clip_state, read_upstream_state_dict, resolve_clip_config
+from facerestore_cli.rewards.backbones import (
+    BackboneError,
+    CompactBackbone,
+    OpenClipBackbone,
+    load_clip_state,
+    read_upstream_state_dict,
+    resolve_clip_config,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -13,8 +13,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..media import MediaError, media_kind, read_image
-from .frm import FaceRewardModel
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
+from facerestore_cli.io.inputs import media_kind
+from facerestore_cli.rewards.frm import FaceRewardModel
 
 ALIGNED_SIZE = 512
 
@@ -30,8 +32,8 @@ class FileScore:
 
 def aligned_faces(rgb: np.ndarray, detector) -> list[np.ndarray]:
     """Every detected face of a photo, aligned at 512 px (largest first)."""
-    from ..faces.align import estimate_affine, warp_faces
-    from ..train.data import detect_padded
+    from facerestore_cli.faces.align import estimate_affine, warp_faces
+    from facerestore_cli.faces.detector import detect_padded
 
     faces = sorted(detect_padded(detector, rgb), key=lambda f: -f.area)
     if not faces:

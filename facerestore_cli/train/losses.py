@@ -11,11 +11,9 @@ per channel as LPIPS does, compared with L1.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def sobel_edges(x: Tensor) -> Tensor:
@@ -28,40 +26,6 @@ def sobel_edges(x: Tensor) -> Tensor:
 def l1_and_edges(out: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Pixel L1 and the L1 of Sobel gradients."""
     return F.l1_loss(out, target), F.l1_loss(sobel_edges(out), sobel_edges(target))
-
-
-class EncoderPerceptualLoss(nn.Module):
-    """LPIPS-style distance on the activations of a frozen copy of a VAE encoder's down blocks.
-
-    Each level's features are unit-normalised along channels, so every level counts alike
-    whatever its scale; the loss is the mean L1 between the normalised maps, summed over levels.
-    """
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        enc = copy.deepcopy(encoder).float().eval()
-        enc.requires_grad_(False)
-        self.conv_in = enc.conv_in
-        self.blocks = enc.down_blocks
-
-    def train(self, mode: bool = True) -> "EncoderPerceptualLoss":
-        return super().train(False)  # frozen: norm layers never switch to training behaviour
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        h, out = self.conv_in(x.float()), []
-        for block in self.blocks:
-            h = block(h)
-            out.append(h / (h.norm(dim=1, keepdim=True) + 1e-6))
-        return out
-
-    def distance(self, x: Tensor, target: Tensor) -> Tensor:
-        """Per-sample distance (B,): the mean L1 of each level's normalised maps, summed over levels."""
-        with torch.no_grad():
-            ref = self.features(target)
-        return sum((a - b).abs().flatten(1).mean(1) for a, b in zip(self.features(x), ref))
-
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return self.distance(x, target).mean()
 
 
 def diffusion_target(scheduler, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

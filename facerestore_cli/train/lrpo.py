@@ -30,13 +30,37 @@ from typing import Callable
 
 import torch
 
-from ..models.restorer import OneStepRestorer
-from ..models.sampler import CLEAN, Transition, ddim_posterior, gaussian_log_prob, sample_trajectories, step_distribution, transition_log_prob
-from ..rewards.composite import CompositeReward, RewardWeights
-from ..rewards.frm import load_frm
-from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
-from .degrade import DegradationConfig
-from .loop import LORA_FILE, LoraTuningConfig, accelerator, degraded_pair, export_final, infinite, save_model, whole_face_loader
+from facerestore_cli.data.degrade import DegradationConfig
+from facerestore_cli.models.loading import load_model_folder
+from facerestore_cli.models.restorer import OneStepRestorer
+from facerestore_cli.models.sampler import (
+    CLEAN,
+    Transition,
+    ddim_posterior,
+    gaussian_log_prob,
+    sample_trajectories,
+    step_distribution,
+    transition_log_prob,
+)
+from facerestore_cli.rewards.composite import CompositeReward, RewardWeights
+from facerestore_cli.rewards.frm import load_frm
+from facerestore_cli.train.checkpoint import (
+    JsonlLog,
+    TimeBudget,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from facerestore_cli.train.runner import (
+    LORA_FILE,
+    LoraTuningConfig,
+    accelerator,
+    degraded_pair,
+    export_final,
+    infinite,
+    save_model,
+    whole_face_loader,
+)
 
 
 @dataclass
@@ -159,7 +183,7 @@ class LrpoObjective(torch.nn.Module):
 
 def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, CompositeReward]:
     """The base restorer in the configured sampling mode with fresh UNet LoRA (base frozen), and the reward."""
-    model = OneStepRestorer.from_pretrained(cfg.model, torch_dtype=torch.float32).train()
+    model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
     if cfg.face_size % model.size_multiple:
         raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     model.config.sampling_steps = cfg.sampling_steps

@@ -18,7 +18,7 @@ judge (0 keeps the FRM frozen). The FRM runs in eval mode throughout (BatchNorm 
 
 Faces are whole aligned crops resized to `face_size` (the FRM judges whole aligned faces; it
 resizes them to its own input size inside `forward`, differentiably), degraded on the fly with the
-restorer's 512-px degradation parameters scaled to that size (`rewards.autopairs.degrade_at`).
+restorer's 512-px degradation parameters scaled to that size (`data.autopairs.degrade_at`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,30 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.color import low_frequency
-from ..models.restorer import OneStepRestorer
-from ..rewards.frm import FaceRewardModel, load_frm
-from ..rewards.frm_training import preference_step
-from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
-from .degrade import DegradationConfig
-from .losses import EncoderPerceptualLoss
-from .loop import LORA_FILE, LoraTuningConfig, autocast, degraded_pair, export_final, infinite, save_model, whole_face_loader
+from facerestore_cli.data.degrade import DegradationConfig
+from facerestore_cli.models.color import low_frequency
+from facerestore_cli.models.loading import load_model_folder
+from facerestore_cli.models.perceptual import EncoderPerceptualLoss
+from facerestore_cli.models.restorer import OneStepRestorer
+from facerestore_cli.rewards.frm import FaceRewardModel, load_frm
+from facerestore_cli.train.checkpoint import (
+    JsonlLog,
+    TimeBudget,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from facerestore_cli.train.frm import preference_step
+from facerestore_cli.train.runner import (
+    LORA_FILE,
+    LoraTuningConfig,
+    autocast,
+    degraded_pair,
+    export_final,
+    infinite,
+    save_model,
+    whole_face_loader,
+)
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -125,7 +141,7 @@ def _warmup(step: int, cfg: ReflConfig) -> float:
 
 def build_refl(cfg: ReflConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, FaceRewardModel, ReflObjective]:
     """The base restorer with fresh LoRA adapters (base frozen), the FRM (frozen, eval) and the objective."""
-    model = OneStepRestorer.from_pretrained(cfg.model, torch_dtype=torch.float32).train()
+    model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
     if cfg.face_size % model.size_multiple:
         raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     frm = load_frm(cfg.frm).eval().requires_grad_(False)

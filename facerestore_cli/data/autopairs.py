@@ -35,12 +35,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..evaluate import EvalInputError, image_seed, source_images
-from ..media import MediaError, read_image
-from ..train.degrade import DegradationConfig, DegradationParams, blur, gaussian_kernels, jpeg, resize_each, sample_params
-from .annotations import Pair, load_annotations
-from .frm import resize_for_model
+from facerestore_cli import __version__
+from facerestore_cli.data.annotations import Pair, load_annotations
+from facerestore_cli.data.degrade import (
+    DegradationConfig,
+    DegradationParams,
+    blur,
+    gaussian_kernels,
+    jpeg,
+    resize_each,
+    sample_params,
+)
+from facerestore_cli.data.testsets import EvalInputError, image_seed, source_images
+from facerestore_cli.errors import InputError
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
+from facerestore_cli.rewards.frm import resize_for_model
 
 REFERENCE_SIZE = 512
 PAIRS_FILE = "pairs.jsonl"
@@ -66,7 +76,7 @@ class AutoPairsConfig:
     def __post_init__(self) -> None:
         levels = sorted(float(s) for s in self.levels)
         if not levels or levels[0] <= 0 or levels[-1] > 1 or len(set(levels)) != len(levels):
-            raise ValueError(f"levels must be distinct strengths in (0, 1], got {self.levels}")
+            raise InputError(f"levels must be distinct strengths in (0, 1], got {self.levels}")
         self.levels = levels
 
 
@@ -174,7 +184,7 @@ class AutoPairWriter:
     def _restore(self, lq: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not lq or self.restorer is None:
             return {}
-        from ..models.inference import restore_crops
+        from facerestore_cli.models.inference import restore_crops
 
         names = list(lq)
         crops = [_uint8(lq[n])[0] for n in names]

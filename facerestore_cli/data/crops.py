@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..faces.align import estimate_affine, warp_faces
-from ..faces.detector import Detector
-from ..media import IMAGE_EXTS, MediaError, read_image
+from facerestore_cli.errors import InputError, MissingFileError
+from facerestore_cli.faces.align import estimate_affine, warp_faces
+from facerestore_cli.faces.detector import detect_padded
+from facerestore_cli.faces.face import Detector
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
+from facerestore_cli.io.inputs import IMAGE_EXTS
 
 MANIFEST = "manifest.jsonl"
 
@@ -61,19 +65,6 @@ def iter_image_files(sources: Iterable[Path]) -> Iterator[Path]:
         src = Path(src)
         files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
         yield from (p for p in files if p.suffix.lower() in IMAGE_EXTS)
-
-
-def detect_padded(detector: Detector, rgb: np.ndarray, pad: float = 0.25) -> list:
-    """Detect on a grey-bordered copy: MTCNN misses faces that fill or touch the whole frame,
-    which tight face crops (CelebA, web crops) often do. Landmarks come back in `rgb` pixels."""
-    py, px = int(rgb.shape[0] * pad), int(rgb.shape[1] * pad)
-    padded = cv2.copyMakeBorder(rgb, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
-    faces = detector.detect([padded])[0]
-    offset = np.array([px, py], dtype=np.float32)
-    for f in faces:
-        f.landmarks = f.landmarks - offset
-        f.box = f.box - np.tile(offset, 2)
-    return faces
 
 
 @dataclass
@@ -138,7 +129,7 @@ def read_manifest(folder: Path) -> list[CropRecord]:
     """The crops of a prepared folder; a clear error if the folder was not prepared."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}; build it with `facerestore prepare-data`")
+        raise MissingFileError(f"{folder}: no {MANIFEST}; build it with `facerestore prepare-data`")
     with open(path) as f:
         return [CropRecord(**json.loads(line)) for line in f if line.strip()]
 
@@ -154,7 +145,7 @@ class AlignedFaces(Dataset):
                  scales: Sequence[float] = (1.0,)):  # fmt: skip
         self.files = [Path(f) / r.file for f in folders for r in read_manifest(Path(f)) if r.sharpness >= min_sharpness]
         if not self.files:
-            raise ValueError("no training crops found in the given folders (or none sharp enough)")
+            raise InputError("no training crops found in the given folders (or none sharp enough)")
         self.patch_size = patch_size
         self.flip = flip
         self.scales = list(scales)
@@ -169,7 +160,7 @@ class AlignedFaces(Dataset):
             side = max(1, round(img.shape[0] * scale))
             img = cv2.resize(np.ascontiguousarray(img), (side, side), interpolation=cv2.INTER_AREA)
             if self.patch_size and side < self.patch_size:
-                raise ValueError(f"{self.files[idx]}: shrunk by {scale} to {side} px, smaller than patch_size {self.patch_size}")
+                raise InputError(f"{self.files[idx]}: shrunk by {scale} to {side} px, smaller than patch_size {self.patch_size}")
         if self.patch_size and self.patch_size < img.shape[0]:
             p = self.patch_size
             y, x = random.randint(0, img.shape[0] - p), random.randint(0, img.shape[1] - p)

@@ -18,24 +18,32 @@
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..configfile import RunConfig
-from ..models.color import color_fix_unclamped, parse_color_fix
-from ..models.restorer import OneStepRestorer
-from .checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
-from .data import AlignedFaces
-from .degrade import DegradationConfig, Degrader
-from .loop import LORA_FILE, accelerator, autocast, export_final, infinite, save_model
-from .losses import EncoderPerceptualLoss, diffusion_loss, l1_and_edges, vsd_loss
+from facerestore_cli.configfile import RunConfig
+from facerestore_cli.data.crops import AlignedFaces
+from facerestore_cli.data.degrade import DegradationConfig, Degrader
+from facerestore_cli.models.color import color_fix_unclamped, parse_color_fix
+from facerestore_cli.models.loading import load_model_for_training
+from facerestore_cli.models.perceptual import EncoderPerceptualLoss
+from facerestore_cli.models.restorer import OneStepRestorer
+from facerestore_cli.train.losses import diffusion_loss, l1_and_edges, vsd_loss
+from facerestore_cli.train.runner import (
+    LORA_FILE,
+    RunResult,
+    TrainingMethod,
+    autocast,
+    export_final,
+    infinite,
+    run_training,
+    save_model,
+    update,
+)
 
 
 @dataclass
@@ -217,21 +225,6 @@ def freeze_modules(model: torch.nn.Module, prefixes: list[str]) -> int:
     return frozen
 
 
-def lr_lambda(step: int, cfg: RestorerTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio of the base rate at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def load_model_for_training(spec: str) -> OneStepRestorer:
-    """A config name starts from random weights; a folder continues from saved weights."""
-    if Path(spec).is_dir():
-        return OneStepRestorer.from_pretrained(spec, torch_dtype=torch.float32)
-    return OneStepRestorer.from_config(spec)
-
-
 def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRestorer, StageObjective]:
     """The model (from the checkpoint when resuming) and its stage objective, LoRA added last.
 
@@ -271,6 +264,65 @@ def add_working_sizes(model: OneStepRestorer, scales: list[float]) -> None:
         raise ValueError(f"scales {scales}: {err}") from None
 
 
+class RestorerMethod(TrainingMethod):
+    """The restorer's stages as a `run_training` method: the stage objective (plus VSD's fake
+    score network) on crops degraded on the GPU."""
+
+    def min_lr_ratio(self) -> float:
+        return self.cfg.min_lr_ratio
+
+    def build(self, ckpt: Path | None) -> None:
+        cfg = self.cfg
+        self.model, self.objective = _build_model(cfg, ckpt)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.fake = self.fake_opt = None
+        if self.objective.prior is not None:
+            self.fake = FakeScore(self.model, self.objective.prior)
+            self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_score_lr)
+
+    def resume(self, extra: dict[str, Any]) -> None:
+        if self.fake is not None and "fake_score" in extra:
+            self.fake.load_state_dict(extra["fake_score"])
+            self.fake_opt.load_state_dict(extra["fake_score_opt"])
+
+    def start(self, step: int) -> None:
+        cfg, acc = self.cfg, self.acc
+        data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+        self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
+        if self.fake is not None:
+            self.fake, self.fake_opt = acc.prepare(self.fake, self.fake_opt)
+        self.fake_x0 = acc.unwrap_model(self.fake).x0 if self.fake is not None else None
+        self.degrader = Degrader(cfg.degradation, seed=cfg.seed + step + 1000 * acc.process_index, device=acc.device)
+        self.batches = infinite(loader)
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        cfg, acc = self.cfg, self.acc
+        hq = next(self.batches).to(acc.device)
+        lq = self.degrader(hq)[0] if cfg.stage == "restorer" else hq
+        with autocast(acc.device, cfg.precision):
+            losses = self.objective(lq * 2 - 1, hq * 2 - 1, self.fake_x0, cfg.vsd_t_range)
+        self.set_lr(step)
+        update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip)
+        if self.fake is not None:
+            with autocast(acc.device, cfg.precision):
+                losses["fake_score"] = self.fake(acc.unwrap_model(self.objective).last_latent)
+            update(acc, self.fake_opt, losses["fake_score"], list(self.fake.parameters()), cfg.grad_clip)
+        return {k: float(v.detach()) for k, v in losses.items()}, hq.shape[0]
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        if self.fake is None:
+            return {}
+        return {"fake_score": self.acc.unwrap_model(self.fake).state_dict(), "fake_score_opt": self.fake_opt.state_dict()}
+
+    def save_model(self, folder: Path) -> None:
+        save_model(self.model, folder)
+
+    def finish(self, run_dir: Path) -> None:
+        export_final(self.model, run_dir / "final")
+
+
 def train_restorer(
     cfg: RestorerTrainConfig,
     run_dir: Path,
@@ -278,89 +330,10 @@ def train_restorer(
     resume: bool = True,
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict:
-    """Train (or resume) and return a summary; the final model is saved in run_dir/final.
+) -> RunResult:
+    """Train (or resume); the final model is saved in run_dir/final.
 
     Runs on one device, or on several with `accelerate launch` (each process gets its shard of
     every batch; only the main process writes logs and checkpoints).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    acc = accelerator(device)
-    torch.manual_seed(cfg.seed + acc.process_index)
-    ckpt = find_checkpoint(run_dir) if resume else None
-    model, objective = _build_model(cfg, ckpt)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fake = fake_opt = None
-    if objective.prior is not None:
-        fake = FakeScore(model, objective.prior)
-        fake_opt = torch.optim.AdamW(fake.parameters(), lr=cfg.fake_score_lr)
-    step = 0
-    if ckpt:
-        step, extra = load_training_state(ckpt, opt)
-        if fake is not None and "fake_score" in extra:
-            fake.load_state_dict(extra["fake_score"])
-            fake_opt.load_state_dict(extra["fake_score_opt"])
-    if acc.is_main_process:
-        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    objective, opt, loader = acc.prepare(objective, opt, loader)
-    if fake is not None:
-        fake, fake_opt = acc.prepare(fake, fake_opt)
-    degrader = Degrader(cfg.degradation, seed=cfg.seed + step + 1000 * acc.process_index, device=acc.device)
-    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
-    terms: dict[str, float] = {}
-
-    def save() -> None:
-        extra = {"config": cfg.to_dict()}
-        if fake is not None:
-            extra.update(fake_score=acc.unwrap_model(fake).state_dict(), fake_score_opt=fake_opt.state_dict())
-        if acc.is_main_process:
-            save_checkpoint(run_dir, lambda d: save_model(model, d), opt, step, extra)
-
-    fake_x0 = acc.unwrap_model(fake).x0 if fake is not None else None
-    while step < cfg.steps and not budget.expired():
-        hq = next(batches).to(acc.device)
-        lq = degrader(hq)[0] if cfg.stage == "restorer" else hq
-        with autocast(acc.device, cfg.precision):
-            losses = objective(lq * 2 - 1, hq * 2 - 1, fake_x0, cfg.vsd_t_range)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_lambda(step, cfg)
-        _update(acc, opt, losses["total"], trainable, cfg.grad_clip)
-        if fake is not None:
-            with autocast(acc.device, cfg.precision):
-                losses["fake_score"] = fake(acc.unwrap_model(objective).last_latent)
-            _update(acc, fake_opt, losses["fake_score"], list(fake.parameters()), cfg.grad_clip)
-        step, seen = step + 1, seen + hq.shape[0] * acc.num_processes
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            rate = seen / (time.perf_counter() - t0)
-            log.write(step=step, images_per_s=round(rate, 3), lr=round(cfg.lr * lr_lambda(step - 1, cfg), 8), **{k: round(v, 5) for k, v in terms.items()})
-        if on_step and acc.is_main_process:
-            on_step(step, terms)
-        if step % cfg.checkpoint_every == 0:
-            save()
-    save()
-    elapsed = time.perf_counter() - t0
-    finished = step >= cfg.steps
-    if finished and acc.is_main_process:
-        export_final(model, run_dir / "final")
-    acc.wait_for_everyone()
-    return {
-        "step": step,
-        "steps_this_run": step - start_step,
-        "finished": finished,
-        "seconds": round(elapsed, 1),
-        "images_per_s": round(seen / max(elapsed, 1e-9), 3),
-        "last_losses": terms,
-    }
-
-
-def _update(acc, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, grad_clip: float) -> None:
-    opt.zero_grad(set_to_none=True)
-    acc.backward(loss)
-    acc.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    return run_training(RestorerMethod(cfg), run_dir, device, resume, max_minutes, on_step)

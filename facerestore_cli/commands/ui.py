@@ -1,18 +1,81 @@
-"""What the long-running training commands (`train`, `train-frm`, `refl`, `lrpo`) share on the command line."""
+"""What every command shares on the command line: the console, one-line errors, progress bars,
+summary tables, option callbacks, and the options of the long-running training commands."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from facerestore_cli.errors import FacerestoreError
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
+
+console = Console(stderr=True)
 
 
-def cli_module():
-    """cli.py, for its console, `fail` and progress bar (imported late: cli.py registers the commands)."""
-    from .. import cli
+def fail(message: str) -> None:
+    """A one-line error and exit code 2: for problems that stop a command before it starts."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
-    return cli
+
+@contextmanager
+def user_errors(prefix: str = "") -> Iterator[None]:
+    """Run a command's work: an error the user can fix (`FacerestoreError`) ends it with one line
+    (after `prefix`) and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except FacerestoreError as err:
+        fail(f"{prefix}{err}")
+
+
+def device_option(help: str | None = None) -> Callable:
+    """--device, with the same choices and default in every command."""
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help=help)
+
+
+def checked(parse: Callable[[str], object], keep_text: bool = False) -> Callable[[click.Context, click.Parameter, str], object]:
+    """A click callback from a parser whose ValueError gives the one-line reason: the parsed
+    value, or the text itself (`keep_text`) once the parser accepts it."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str) -> object:
+        try:
+            parsed = parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value if keep_text else parsed
+
+    return callback
+
+
+def color_fix_option(help: str):
+    """--color-fix, as `restore` and `eval` share it: wavelet[:N], adain or none."""
+    return click.option("--color-fix", default=DEFAULT_COLOR_FIX, show_default=True, metavar="wavelet[:N]|adain|none", callback=checked(parse_color_fix, keep_text=True), help=help)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def run_options(out_help: str) -> Callable:
@@ -24,7 +87,7 @@ def run_options(out_help: str) -> Callable:
     options = [
         click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help=out_help),
         click.option("--steps", type=click.IntRange(1), default=None, help="Total steps (override the config)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        device_option(),
         click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present."),
         click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long; run again to resume."),
     ]
@@ -47,7 +110,6 @@ def config_and_data_options(config_help: str, out_help: str) -> Callable:
 
 def print_run_end(finished: bool, step: int, done: Sequence[str]) -> None:
     """After a run's summary: where its results are (`done` lines), or how to resume it."""
-    console = cli_module().console
     for line in done if finished else [f"stopped at step {step}; run the same command again to resume"]:
         console.print(line, highlight=False, soft_wrap=True, markup=False)
 
@@ -62,12 +124,10 @@ def secondary_process() -> bool:
 
 def run_device(name: str) -> str:
     """The --device of a run as a torch device string; a one-line error when it cannot be had."""
-    from ..devices import resolve_device
+    from facerestore_cli.devices import resolve_device
 
-    try:
+    with user_errors():
         return str(resolve_device(name))
-    except ValueError as err:
-        cli_module().fail(str(err))
 
 
 def load_run_config(cls: type, path: Path, steps: int | None, inputs_field: str, inputs: Sequence[Path], missing: str) -> Any:
@@ -75,17 +135,17 @@ def load_run_config(cls: type, path: Path, steps: int | None, inputs_field: str,
 
     A bad file or a run with nothing to train on ends the command with a one-line error.
     """
-    cli = cli_module()
+
     try:
         cfg = cls.from_file(path)
     except (ValueError, TypeError) as err:
-        cli.fail(f"{path}: {err}")
+        fail(f"{path}: {err}")
     if inputs:
         setattr(cfg, inputs_field, [str(p) for p in inputs])
     if steps:
         cfg.steps = steps
     if not getattr(cfg, inputs_field):
-        cli.fail(missing)
+        fail(missing)
     return cfg
 
 
@@ -100,4 +160,4 @@ def print_run_summary(title: str, result: dict[str, Any]) -> None:
         elif isinstance(v, list):
             v = "; ".join(map(str, v))
         table.add_row(k.replace("_", " "), str(v))
-    cli_module().console.print(table)
+    console.print(table)

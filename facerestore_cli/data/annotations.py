@@ -15,6 +15,7 @@ becomes one error naming the file, the line and the reason; the good rows are ke
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..media import IMAGE_EXTS
+from facerestore_cli.errors import FacerestoreError
+from facerestore_cli.io.inputs import IMAGE_EXTS
 
 PREFERENCES = ("a", "b", "tie")
 SOURCES = ("human", "auto", "svm")
@@ -33,7 +35,7 @@ RATING_FIELDS = ("image", "rating")
 OPTIONAL_FIELDS = ("source", "kind", "group", "caption", "weight", "confidence", "annotator", "time", "shown_left")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(FacerestoreError, ValueError):
     """A whole annotation file cannot be used (unreadable, unknown format, no usable columns)."""
 
 
@@ -344,3 +346,32 @@ def summarize(pairs: Sequence[Pair]) -> dict[str, int]:
     counts["ties"] = sum(1 for p in pairs if p.preferred == "tie")
     counts["unlabelled"] = sum(1 for p in pairs if p.preferred is None)
     return counts
+
+
+def pair_group(p: Pair) -> str:
+    """The unit of the train/validation split: the face (group), else the two images."""
+    return p.group or "|".join(sorted([Path(p.image_a).name, Path(p.image_b).name]))
+
+
+def is_validation(group: str, fraction: float, seed: int) -> bool:
+    """A stable hash split: a group is always on the same side, across runs and resumes."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{group}".encode()).digest()[:4], "little")
+    return h / 2**32 < fraction
+
+
+def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    train, val = [], []
+    for p in pairs:
+        (val if is_validation(pair_group(p), fraction, seed) else train).append(p)
+    return train, val
+
+
+def load_pair_files(files: Sequence[str | Path]) -> tuple[list[Pair], list[RowError]]:
+    """All labelled pairs of the given files; bad rows come back as errors, the rest is used."""
+    pairs: list[Pair] = []
+    errors: list[RowError] = []
+    for f in files:
+        result: LoadResult = load_annotations(f, default_source="auto")
+        pairs += [p for p in result.pairs if p.preferred is not None]
+        errors += result.errors
+    return pairs, errors

@@ -10,7 +10,6 @@ out and scored every `val_every` steps: pairwise accuracy on them is the number 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -24,11 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from ..configfile import check_keys, read_config
-from ..media import MediaError, read_image
-from ..train.checkpoint import JsonlLog, TimeBudget, find_checkpoint, load_training_state, save_checkpoint
-from .annotations import LoadResult, Pair, RowError, load_annotations
-from .frm import FaceRewardModel, FrmConfig, load_frm, resize_for_model
+from facerestore_cli.configfile import check_keys, read_config
+from facerestore_cli.data.annotations import (
+    Pair,
+    RowError,
+    load_pair_files,
+    split_pairs,
+)
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
+from facerestore_cli.rewards.frm import (
+    FaceRewardModel,
+    FrmConfig,
+    load_frm,
+    resize_for_model,
+)
+from facerestore_cli.train.checkpoint import (
+    JsonlLog,
+    TimeBudget,
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -85,33 +101,6 @@ class FrmTrainConfig:
 
 
 # ------------------------------------------------------------------ data
-def pair_group(p: Pair) -> str:
-    """The unit of the train/validation split: the face (group), else the two images."""
-    return p.group or "|".join(sorted([Path(p.image_a).name, Path(p.image_b).name]))
-
-
-def is_validation(group: str, fraction: float, seed: int) -> bool:
-    """A stable hash split: a group is always on the same side, across runs and resumes."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}/{group}".encode()).digest()[:4], "little")
-    return h / 2**32 < fraction
-
-
-def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    train, val = [], []
-    for p in pairs:
-        (val if is_validation(pair_group(p), fraction, seed) else train).append(p)
-    return train, val
-
-
-def load_pair_files(files: Sequence[str | Path]) -> tuple[list[Pair], list[RowError]]:
-    """All labelled pairs of the given files; bad rows come back as errors, the rest is used."""
-    pairs: list[Pair] = []
-    errors: list[RowError] = []
-    for f in files:
-        result: LoadResult = load_annotations(f, default_source="auto")
-        pairs += [p for p in result.pairs if p.preferred is not None]
-        errors += result.errors
-    return pairs, errors
 
 
 def load_face(path: Path, size: int) -> torch.Tensor:

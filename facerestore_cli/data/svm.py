@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from ..media import MediaError, read_image
-from .annotations import Pair
-from .frm_training import pair_group
+from facerestore_cli.data.annotations import Pair, pair_group
+from facerestore_cli.errors import InputError
+from facerestore_cli.io.files import MediaError
+from facerestore_cli.io.images import read_image
 
 FEATURE_SIZE = 128
 FEATURE_NAMES = (
@@ -48,13 +49,13 @@ class SvmConfig:
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
+            raise InputError(f"kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
         if self.scaling not in SCALINGS:
-            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
+            raise InputError(f"scaling must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
         if not 0.5 <= self.min_confidence <= 1:
-            raise ValueError(f"min_confidence must be in [0.5, 1], not {self.min_confidence}")
+            raise InputError(f"min_confidence must be in [0.5, 1], not {self.min_confidence}")
         if not 0 < self.holdout < 1:
-            raise ValueError(f"holdout must be in (0, 1), not {self.holdout}")
+            raise InputError(f"holdout must be in (0, 1), not {self.holdout}")
 
 
 # ------------------------------------------------------------------ image features
@@ -226,7 +227,7 @@ def auto_annotate(
     """Fit on the human pairs (minus a held-out share), report agreement, label the candidates."""
     decided = [p for p in human if p.preferred in ("a", "b")]
     if len(decided) < MIN_HUMAN_PAIRS:
-        raise ValueError(f"the SVM needs at least {MIN_HUMAN_PAIRS} human pairs with a preference (not ties), got {len(decided)}")
+        raise InputError(f"the SVM needs at least {MIN_HUMAN_PAIRS} human pairs with a preference (not ties), got {len(decided)}")
     done = {_key(p) for p in human}
     todo = [p for p in candidates if _key(p) not in done]
     feats = FeatureCache(frm)
@@ -235,7 +236,7 @@ def auto_annotate(
     report = SvmReport(human_pairs=len(decided), train_pairs=len(train), holdout_pairs=len(held), candidates=len(todo), config=asdict(cfg))
     x, y = _xy(train, feats)
     if len(set(y.tolist())) < 2:
-        raise ValueError("the human pairs left for training the SVM are unreadable")
+        raise InputError("the human pairs left for training the SVM are unreadable")
     model = make_svm(cfg, int(min(np.bincount(y)))).fit(x, y)
     _holdout_agreement(model, held, feats, cfg, report)
     labelled = _label(model, todo, feats, cfg, report)

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..annotations import AnnotationError, Pair, read_rows
+from facerestore_cli.data.annotations import AnnotationError, Pair, read_rows
 
 STATIC_FILES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 CHOICES = ("left", "right", "tie", "skip")

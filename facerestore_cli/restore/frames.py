@@ -23,10 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .faces.align import paste_faces, scale_affine, warp_faces
-from .faces.tensor_align import paste_faces_tensor, resize_tensor, warp_faces_tensor
-from .media import resize_image, scaled_size
-from .models.inference import by_size
+from facerestore_cli.errors import InputError
+from facerestore_cli.faces.align import paste_faces, scale_affine, warp_faces
+from facerestore_cli.faces.tensor_align import (
+    paste_faces_tensor,
+    resize_tensor,
+    warp_faces_tensor,
+)
+from facerestore_cli.io.images import resize_image, scaled_size
+from facerestore_cli.models.inference import by_size
 
 T = TypeVar("T")
 
@@ -36,7 +41,7 @@ FRAME_PATHS = ("auto", "tensor", "numpy")
 def resolve_frame_path(choice: str, device: torch.device) -> str:
     """`tensor` or `numpy` for a `--frame-path` choice; `auto` is tensor on CUDA, numpy elsewhere."""
     if choice not in FRAME_PATHS:
-        raise ValueError(f"frame path must be one of {', '.join(FRAME_PATHS)}, not {choice!r}")
+        raise InputError(f"frame path must be one of {', '.join(FRAME_PATHS)}, not {choice!r}")
     if choice == "auto":
         return "tensor" if torch.device(device).type == "cuda" else "numpy"
     return choice

@@ -1,0 +1,83 @@
+"""What `restore` is asked to do, parsed and checked before any model is loaded.
+
+Settings travel as keyword-only dataclasses, one per concern: which model runs and how
+(`ModelChoice`), how faces are found (`DetectionSettings`), how found faces are restored
+(`FaceSettings`) and what is written (`RestoreOptions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from facerestore_cli.errors import InputError
+from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX
+
+
+def _auto_or_int(value: str | int, minimum: int, what: str) -> str | int:
+    """"auto", or a whole number of at least `minimum`; else a ValueError asking for `what`."""
+    if value == "auto":
+        return value
+    if not str(value).isdigit() or int(value) < minimum:
+        raise InputError(f"{value!r}: give auto or {what}")
+    return int(value)
+
+
+def parse_face_size(value: str | int) -> str | int:
+    """`--face-size` as given: "auto" or a whole number of pixels (>= 16); ValueError otherwise.
+    Whether the number suits the model is checked once it is loaded (`face_sizes_for`)."""
+    return _auto_or_int(value, 16, "a crop size in pixels of at least 16, e.g. 512")
+
+
+def parse_batch_size(value: str | int) -> str | int:
+    """`--batch-size` as given: "auto" or a whole number of faces (>= 1); ValueError otherwise."""
+    return _auto_or_int(value, 1, "a whole number of faces, at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelChoice:
+    """Which restorer runs and how: `--model` (None: the bundled one), `--lora`, `--osediff`,
+    `--backend`, `--engine` (an exported ONNX/TensorRT file), `--precision`, `--compile`."""
+
+    model: str | Path | None = None
+    lora: Path | None = None
+    osediff: Path | None = None
+    backend: str = "torch"
+    engine_file: Path | None = None
+    precision: str = "fp32"
+    compile: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionSettings:
+    """How faces are found: `--detector`, `--det-threshold`, `--min-face-size`."""
+
+    detector: str = "mtcnn"
+    threshold: float = 0.7
+    min_face_size: int = 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaceSettings:
+    """How found faces are restored: `--batch-size`, `--color-fix`, `--frame-path`, `--face-size`."""
+
+    batch_size: int | str = "auto"
+    color_fix: str = DEFAULT_COLOR_FIX
+    frame_path: str = "auto"
+    face_size: str | int = "auto"
+
+
+@dataclass
+class RestoreOptions:
+    """What is written for each input, and how inputs are walked."""
+
+    outdir: Path
+    upscale: float = 1.0
+    only_center_face: bool = False
+    aligned: bool = False
+    save_faces: bool = False
+    compare: bool = False
+    skip_existing: bool = False
+    video_chunk: int = 8
+    detect_every: int = DEFAULT_DETECT_EVERY
