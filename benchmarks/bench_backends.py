@@ -79,7 +79,9 @@ def main() -> None:
     reference: dict[int, torch.Tensor] = {}
     for name in args.backends.split(","):
         model = load(name.strip(), source, device, args.size, max(args.batches))
-        settings = f"{args.model.name}, {name} fp32 ({getattr(model, 'provider', device.type)}), {args.threads} threads, median of {args.repeats}"
+        settings = (
+            f"{args.model.name}, {name} fp32 ({getattr(model, 'provider', device.type)}), {args.threads} threads, median of {args.repeats}"
+        )
         for b in args.batches:
             x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b)) * 2 - 1
             per_face, out = seconds_per_face(model, x, args.repeats)

@@ -28,10 +28,9 @@ import torch
 
 from facerestore_cli.io.inputs import IMAGE_EXTS
 from facerestore_cli.models.loading import DEFAULT_MODEL
-from facerestore_cli.restore.options import RestoreOptions, parse_batch_size, parse_face_size
 from facerestore_cli.restore.face_restorer import build_face_restorer
-from facerestore_cli.restore.options import FaceSettings, ModelChoice
 from facerestore_cli.restore.loop import run_restore
+from facerestore_cli.restore.options import FaceSettings, ModelChoice, RestoreOptions, parse_batch_size, parse_face_size
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_lq"
 WHOLE_DIRS = ["CodeFormer/inputs/whole_imgs", "GFPGAN/inputs/whole_imgs", "DiffBIR/inputs/demo/bfr/whole_img"]
@@ -49,10 +48,10 @@ def whole_images() -> list[str]:
     return files
 
 
-def end_to_end(engine, files: list[str]) -> dict:
+def end_to_end(face_restorer, files: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        run_restore(files[:1], engine, RestoreOptions(Path(out) / "warm"))
-        summary = run_restore(files, engine, RestoreOptions(Path(out) / "run"))
+        run_restore(files[:1], face_restorer, RestoreOptions(Path(out) / "warm"))
+        summary = run_restore(files, face_restorer, RestoreOptions(Path(out) / "run"))
     return {"images": summary.images, "faces": summary.faces_restored, "seconds": summary.seconds}
 
 
@@ -62,20 +61,20 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def model_only(engine, batch: int, repeats: int, size: int = 512) -> tuple[float, float | None]:
+def model_only(face_restorer, batch: int, repeats: int, size: int = 512) -> tuple[float, float | None]:
     """Median seconds per face of the restorer alone at size px, and peak GPU memory (GiB; None on CPU)."""
-    x = torch.rand(batch, 3, size, size, device=engine.device, dtype=engine.dtype) * 2 - 1
-    if engine.device.type == "cuda":
+    x = torch.rand(batch, 3, size, size, device=face_restorer.device, dtype=face_restorer.dtype) * 2 - 1
+    if face_restorer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine.model(x)  # warm-up: kernels chosen, memory allocated
+    face_restorer.model(x)  # warm-up: kernels chosen, memory allocated
     times = []
     for _ in range(repeats):
-        _sync(engine.device)
+        _sync(face_restorer.device)
         t = time.perf_counter()
-        engine.model(x)
-        _sync(engine.device)
+        face_restorer.model(x)
+        _sync(face_restorer.device)
         times.append((time.perf_counter() - t) / batch)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if face_restorer.device.type == "cuda" else None
     return statistics.median(times), peak
 
 
@@ -103,30 +102,47 @@ def main() -> None:
     ap.add_argument("--batches", "--batch-sizes", type=_batches, default=[1, 16], help="model-only batch sizes [default: 1,16]")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per model-only setting (median)")
     ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
-    ap.add_argument("--batch-size", type=parse_batch_size, default="auto", help="end to end: restore --batch-size, faces per model call and photos restored together [default: auto]")
-    ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]")
-    ap.add_argument("--face-size", default="auto", type=parse_face_size, help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]")
+    ap.add_argument(
+        "--batch-size",
+        type=parse_batch_size,
+        default="auto",
+        help="end to end: restore --batch-size, faces per model call and photos restored together [default: auto]",
+    )
+    ap.add_argument(
+        "--frame-path", choices=["auto", "tensor", "numpy"], default="auto", help="end to end: restore --frame-path [default: auto]"
+    )
+    ap.add_argument(
+        "--face-size",
+        default="auto",
+        type=parse_face_size,
+        help="restore --face-size (auto or pixels); model only: that crop, auto the model's own [default: auto]",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_face_restorer(
+    face_restorer = build_face_restorer(
         ModelChoice(model=args.model, precision=args.precision),
         faces=FaceSettings(batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size),
         device=args.device,
     )
     where = machine()
     name = (args.model or DEFAULT_MODEL).name
-    settings = f"{name}, {args.precision}, {engine.device.type}, {args.threads} threads, frame path {engine.frame_path}, face size {args.face_size} ({'/'.join(map(str, engine.sizes))} px)"
+    settings = f"{name}, {args.precision}, {face_restorer.device.type}, {args.threads} threads, frame path {face_restorer.frame_path}, face size {args.face_size} ({'/'.join(map(str, face_restorer.sizes))} px)"
     print(f"machine: {where}")
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     if not args.model_only:
-        e2e = end_to_end(engine, whole_images())
-        what = f"end to end, real_lq whole images, batch {engine.batch_size}, colour fix {engine.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
-        print(row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where), flush=True)
+        e2e = end_to_end(face_restorer, whole_images())
+        what = f"end to end, real_lq whole images, batch {face_restorer.batch_size}, colour fix {face_restorer.color_fix}: {e2e['images']} images / {e2e['faces']} faces"
+        print(
+            row(settings, what, f"{e2e['images'] / e2e['seconds']:.2f} images/s, {e2e['faces'] / e2e['seconds']:.2f} faces/s", where),
+            flush=True,
+        )
     for b in args.batches:
-        per_face, peak = model_only(engine, b, args.repeats, engine.face_size)
+        per_face, peak = model_only(face_restorer, b, args.repeats, face_restorer.face_size)
         mem = "" if peak is None else f", peak {peak:.1f} GiB"
         result = f"{1 / per_face:.2f} faces/s ({per_face * 1000:.1f} ms/face{mem})"
-        print(row(f"{settings}, median of {args.repeats}", f"model only, {engine.face_size} px, batch {b}", result, where), flush=True)
+        print(
+            row(f"{settings}, median of {args.repeats}", f"model only, {face_restorer.face_size} px, batch {b}", result, where), flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_restore import machine, row
 from bench_video import make_clip, tile_positions, tile_side
-from facerestore_cli.faces.face import Face
+
 from facerestore_cli.faces import build_detector
+from facerestore_cli.faces.face import Face
 from facerestore_cli.faces.tracking import FaceTracker
 from facerestore_cli.io.video import read_video_frames
 
 
 def in_tiles(faces: list[Face], tiles: list[tuple[int, int]], side: int) -> list[Face | None]:
     """For each tile, the face whose box centre lies in it (None if the detector missed it)."""
+
     def inside(f: Face, x: int, y: int) -> bool:
         cx, cy = (f.box[:2] + f.box[2:]) / 2
         return x <= cx < x + side and y <= cy < y + side
@@ -43,7 +44,7 @@ def wobble(frames: list[list[Face]], faces: int) -> tuple[float, int, int]:
     and how many faces were missed, and how many found outside the tiles (false faces)."""
     side, errors, missed, extra = tile_side(faces), [], 0, 0
     found = [in_tiles(f, tile_positions(faces, i), side) for i, f in enumerate(frames)]
-    for i, (now, kept) in enumerate(zip(frames, found)):
+    for now, kept in zip(frames, found):
         missed += kept.count(None)
         extra += len(now) - (len(kept) - kept.count(None))
     for i in range(1, len(frames)):
@@ -83,8 +84,10 @@ def main() -> None:
                 ms = (time.perf_counter() - t) / len(frames) * 1000
                 what = f"face detection, generated 1080p clip, {n} face(s), {len(frames)} frames, --detect-every {every}"
                 moved, missed, extra = wobble(faces, n)
-                result = (f"{ms:.0f} ms/frame ({tracker.whole_frame_searches} whole-frame searches), wobble {moved:.4f} "
-                          f"eye distances, {missed} faces missed, {extra} false faces")  # fmt: skip
+                result = (
+                    f"{ms:.0f} ms/frame ({tracker.whole_frame_searches} whole-frame searches), wobble {moved:.4f} "
+                    f"eye distances, {missed} faces missed, {extra} false faces"
+                )
                 print(row(settings, what, result, where), flush=True)
 
 

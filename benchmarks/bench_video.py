@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_restore import machine, row
+
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
-from facerestore_cli.io.video_writer import VideoWriter
-from facerestore_cli.io.video import read_video_frames
 from facerestore_cli.io.images import read_image, resize_image
+from facerestore_cli.io.video import read_video_frames
+from facerestore_cli.io.video_writer import VideoWriter
 from facerestore_cli.models.loading import DEFAULT_MODEL
-from facerestore_cli.restore.options import RestoreOptions, parse_face_size
 from facerestore_cli.restore.face_restorer import build_face_restorer
-from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice
 from facerestore_cli.restore.loop import run_restore
+from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice, RestoreOptions, parse_face_size
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"
 WIDTH, HEIGHT, MAX_TILE = 1920, 1080, 1000
@@ -73,10 +72,10 @@ def make_clip(path: Path, faces: int, frames: int, fps: int = 24, noise: float =
     return path
 
 
-def run(engine, clip: Path, out: Path, chunk: int, detect_every: int) -> tuple[int, int, float]:
+def run(face_restorer, clip: Path, out: Path, chunk: int, detect_every: int) -> tuple[int, int, float]:
     """(frames, faces restored, seconds) of one restore of the clip."""
     t = time.perf_counter()
-    summary = run_restore([str(clip)], engine, RestoreOptions(out, video_chunk=chunk, detect_every=detect_every))
+    summary = run_restore([str(clip)], face_restorer, RestoreOptions(out, video_chunk=chunk, detect_every=detect_every))
     seconds = time.perf_counter() - t
     if not summary.ok:
         raise SystemExit("restore failed: " + "; ".join(summary.failures))
@@ -114,34 +113,38 @@ def main() -> None:
     ap.add_argument("--frame-path", choices=["auto", "tensor", "numpy"], default="auto")
     ap.add_argument("--min-face-size", type=int, default=20, help="restore --min-face-size: MTCNN's image pyramid starts at 12 / this")
     ap.add_argument("--noise", type=float, default=0.0, help="grain added to every frame, standard deviation in grey levels [default: 0]")
-    ap.add_argument("--detect-every", type=int, default=DEFAULT_DETECT_EVERY, help="restore --detect-every: frames per whole-frame face search")
+    ap.add_argument(
+        "--detect-every", type=int, default=DEFAULT_DETECT_EVERY, help="restore --detect-every: frames per whole-frame face search"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build_face_restorer(
+    face_restorer = build_face_restorer(
         ModelChoice(model=args.model, precision=args.precision),
         DetectionSettings(min_face_size=args.min_face_size),
         FaceSettings(batch_size=args.batch_size, frame_path=args.frame_path, face_size=args.face_size),
         device=args.device,
     )
     where = machine()
-    settings = (f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {engine.device.type}, {torch.get_num_threads()} threads, "
-                f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {engine.frame_path}, face size {args.face_size}, "
-                f"min face {args.min_face_size} px, detect every {args.detect_every}, noise {args.noise:g}")  # fmt: skip
+    settings = (
+        f"{(args.model or DEFAULT_MODEL).name}, {args.precision}, {face_restorer.device.type}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch_size}, chunk {args.video_chunk}, frame path {face_restorer.frame_path}, face size {args.face_size}, "
+        f"min face {args.min_face_size} px, detect every {args.detect_every}, noise {args.noise:g}"
+    )
     print(f"machine: {where}")
     print("| date | machine | settings | what | result |\n| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run(engine, make_clip(root / "warm.mp4", 1, min(args.frames, 8)), root / "warm_out", args.video_chunk, args.detect_every)
+        run(face_restorer, make_clip(root / "warm.mp4", 1, min(args.frames, 8)), root / "warm_out", args.video_chunk, args.detect_every)
         for n in [int(s) for s in args.faces.split(",")]:
             clip = make_clip(root / f"clip_{n}.mp4", n, args.frames, noise=args.noise)
-            frames, faces, seconds = run(engine, clip, root / f"out_{n}", args.video_chunk, args.detect_every)
+            frames, faces, seconds = run(face_restorer, clip, root / f"out_{n}", args.video_chunk, args.detect_every)
             what = f"end to end, generated 1080p clip, {n} face(s) per frame, {frames} frames ({faces} faces restored)"
             result = f"{frames / seconds:.2f} frames/s, {faces / seconds:.2f} faces/s"
             still = still_frames(n, frames)
             if still:
                 *_, last = read_video_frames(clip)
-                boxes = [f.box for f in engine.detector.detect([last])[0]]
+                boxes = [f.box for f in face_restorer.detector.detect([last])[0]]
                 out = flicker(root / f"out_{n}" / clip.name, boxes, still)
                 result += f"; face flicker on still frames {out:.2f} grey levels (input {flicker(clip, boxes, still):.2f})"
             print(row(settings, what, result, where), flush=True)

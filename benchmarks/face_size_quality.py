@@ -33,7 +33,6 @@ from facerestore_cli.models.inference import restore_crops
 from facerestore_cli.models.loading import DEFAULT_MODEL, load_restorer
 from facerestore_cli.restore.face_restorer import fast_torch_model
 
-
 #: decimals per metric in the printed rows (others: 2)
 DECIMALS = {"ssim": 3, "identity": 4, "identity_dist": 4}
 
@@ -88,7 +87,10 @@ def main() -> None:
             s = scores(outputs, refs, metrics)
             per_face = "" if seconds is None else f"{seconds / len(items):.3f}"
             cells = " | ".join(f"{v:.{DECIMALS.get(k, 2)}f}" for k, v in s.items())
-            print(f"| {datetime.date.today().isoformat()} | {label}, {args.color_fix} | {pairs.name} ({len(items)}) | {way} | {cells} | {per_face} |", flush=True)
+            print(
+                f"| {datetime.date.today().isoformat()} | {label}, {args.color_fix} | {pairs.name} ({len(items)}) | {way} | {cells} | {per_face} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -25,16 +25,17 @@ import cv2
 import numpy as np
 import torch
 
+from facerestore_cli.data.degrade import DegradationConfig, Degrader
+from facerestore_cli.data.testsets import EvalInputError, _single_thread
+from facerestore_cli.devices import resolve_device
 from facerestore_cli.evaluate import GRID_TILE, _labelled_grid, _restore, bicubic_unsharp, load_restorers, resize_for_scoring
-from facerestore_cli.data.testsets import EvalInputError, _single_thread, _to_tensor01, _to_uint8, _write_png
 from facerestore_cli.faces import build_detector, estimate_affine, warp_faces
 from facerestore_cli.io.files import MediaError
-from facerestore_cli.io.images import read_image
+from facerestore_cli.io.images import read_image, write_png
+from facerestore_cli.io.tensors import to_images, to_tensor01
 from facerestore_cli.metrics import MetricUnavailable, create_metric
 from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
 from facerestore_cli.models.loading import DEFAULT_MODEL
-from facerestore_cli.devices import resolve_device
-from facerestore_cli.data.degrade import DegradationConfig, Degrader
 
 HERE = Path(__file__).resolve().parent
 FACE_SIZE = 512
@@ -70,8 +71,8 @@ def align_face(image: np.ndarray, device: str) -> np.ndarray:
 def degrade(hq: np.ndarray, cfg: DegradationConfig, seed: int) -> tuple[np.ndarray, dict]:
     """One seeded draw from the ranges, on one thread so the result does not depend on the machine."""
     with torch.no_grad(), _single_thread():
-        lq, params = Degrader(cfg, seed=seed)(_to_tensor01(hq))
-    return _to_uint8(lq)[0], params.row(0)
+        lq, params = Degrader(cfg, seed=seed)(to_tensor01([hq]))
+    return to_images(lq)[0], params.row(0)
 
 
 def _caption(tile: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -106,7 +107,13 @@ def make_grid(out: Path, models: list[Path], source: Path | None, device: str, c
     restorers = load_restorers(models, dev, torch.float32)
     scorers = _scorers(dev)
     labels = ["degraded input", "bicubic_unsharp", *[label for label, _ in restorers], "ground truth"]
-    print("| strength | degradation | method | " + " | ".join(scorers) + " |\n| --- | --- | --- | " + " | ".join("---" for _ in scorers) + " |")
+    print(
+        "| strength | degradation | method | "
+        + " | ".join(scorers)
+        + " |\n| --- | --- | --- | "
+        + " | ".join("---" for _ in scorers)
+        + " |"
+    )
     rows = []
     for name, seed, cfg in STRENGTHS:
         lq, params = degrade(hq, cfg, seed)
@@ -117,7 +124,7 @@ def make_grid(out: Path, models: list[Path], source: Path | None, device: str, c
             print(f"| {name} | {describe(params)} | {method} | {scores} |")
         first = _caption(resize_for_scoring(lq, (GRID_TILE, GRID_TILE)), [name, describe(params)])
         rows.append([first, *list(outputs.values())[1:], hq])
-    _write_png(out, _labelled_grid(rows, labels))
+    write_png(out, _labelled_grid(rows, labels))
     print(f"grid: {out}")
 
 
@@ -131,8 +138,12 @@ def _color_fix(spec: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", type=Path, default=HERE / "grid_astronaut.png", help="PNG to write [default: benchmarks/grid_astronaut.png]")
-    ap.add_argument("--model", action="append", type=Path, help=f"restorer folder; repeat for several [default: weights/{DEFAULT_MODEL.name}]")
+    ap.add_argument(
+        "out", nargs="?", type=Path, default=HERE / "grid_astronaut.png", help="PNG to write [default: benchmarks/grid_astronaut.png]"
+    )
+    ap.add_argument(
+        "--model", action="append", type=Path, help=f"restorer folder; repeat for several [default: weights/{DEFAULT_MODEL.name}]"
+    )
     ap.add_argument("--source", type=Path, default=None, help="astronaut.png instead of scikit-image's copy")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--color-fix", default=DEFAULT_COLOR_FIX, type=_color_fix, help="wavelet[:N], adain or none, as `restore --color-fix`")

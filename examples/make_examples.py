@@ -18,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerestore_cli.io.video import VideoWriter, ffmpeg_exe
-from facerestore_cli.io.images import read_image, write_image
 from facerestore_cli.data.degrade import DegradationParams, apply_degradation
+from facerestore_cli.io.images import read_image, write_image
+from facerestore_cli.io.video import VideoWriter, ffmpeg_exe
 
 HERE = Path(__file__).resolve().parent
 
 
 def degrade(rgb: np.ndarray, sigma: float, scale: float, noise: float, quality: int, seed: int = 0) -> np.ndarray:
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
-    one = lambda v: torch.tensor([float(v)])
+
+    def one(v):
+        return torch.tensor([float(v)])
+
     p = DegradationParams(one(sigma), one(sigma), one(0), one(scale), one(noise), torch.tensor([False]), one(quality))
     y = apply_degradation(x, p, 41, torch.Generator().manual_seed(seed))
     return (y[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -1,4 +1,20 @@
-"""EVALDOC"""
+"""An honest comparison of restorers against simple baselines on a test set (data/testsets.py).
+
+`evaluate` restores the LQ images of a pair folder (or of LQ folders alone) with each
+restorer and with baselines, scores every method with the metric registry's metrics, and
+returns the mean per method and metric, the metrics that could not run here (with reasons) and,
+optionally, a PNG grid (rows: input | baseline | each restorer | ground truth).
+
+Without ground truth (real degraded photos) full-reference metrics are skipped, but with
+`input_reference` the identity metrics are scored against the degraded input itself, as
+`identity@input` and `identity_dist@input`: does the output still show the person in the input?
+The `input` baseline is that image, so it scores perfectly there by construction; PSNR/SSIM are
+never scored against the input (they would only reward doing nothing).
+
+Baselines: `input` is the degraded image itself; `bicubic_unsharp` is the classical answer,
+bicubic resize to the output size (when the LQ is smaller) followed by an unsharp mask.
+With pairs, `ground_truth` is also scored by the no-reference metrics, as the level to aim for.
+"""
 
 from __future__ import annotations
 
@@ -170,7 +186,9 @@ def _against_input(info: MetricInfo) -> MetricInfo:
     return MetricInfo(info.name + AT_INPUT, True, info.lower_better, f"{info.description}; against the degraded input, not ground truth")
 
 
-def _select_metrics(names: Sequence[str] | None, have_gt: bool, input_reference: bool = False) -> tuple[list[ScoredMetric], dict[str, str], dict[str, str]]:
+def _select_metrics(
+    names: Sequence[str] | None, have_gt: bool, input_reference: bool = False
+) -> tuple[list[ScoredMetric], dict[str, str], dict[str, str]]:
     """The columns to score, the unavailable metrics and the skipped ones (each with its reason)."""
     wanted, unavailable = _wanted_metrics(names)
     chosen, skipped = [], {}
@@ -181,17 +199,23 @@ def _select_metrics(names: Sequence[str] | None, have_gt: bool, input_reference:
         elif have_gt:
             chosen.append(ScoredMetric(info, n, GROUND_TRUTH))
         else:
-            skipped[n] = NEEDS_GT if not input_reference or n in IDENTITY_METRICS else NEEDS_GT + "; against the input it would reward doing nothing"
+            skipped[n] = (
+                NEEDS_GT if not input_reference or n in IDENTITY_METRICS else NEEDS_GT + "; against the input it would reward doing nothing"
+            )
         if input_reference and n in IDENTITY_METRICS:
             chosen.append(ScoredMetric(_against_input(info), n, INPUT))
     if input_reference:
         unavailable.update({n + AT_INPUT: r for n, r in list(unavailable.items()) if n in IDENTITY_METRICS})
         if not any(s.reference == INPUT for s in chosen) and not any(n in unavailable for n in IDENTITY_METRICS):
-            raise EvalInputError(f"the input reference scores identity metrics ({', '.join(IDENTITY_METRICS)}); none of them is among the chosen metrics")
+            raise EvalInputError(
+                f"the input reference scores identity metrics ({', '.join(IDENTITY_METRICS)}); none of them is among the chosen metrics"
+            )
     return chosen, unavailable, skipped
 
 
-def _create_scorers(chosen: list[ScoredMetric], device: torch.device, unavailable: dict[str, str]) -> tuple[dict[str, Metric], list[ScoredMetric]]:
+def _create_scorers(
+    chosen: list[ScoredMetric], device: torch.device, unavailable: dict[str, str]
+) -> tuple[dict[str, Metric], list[ScoredMetric]]:
     """One scorer per registry metric; columns whose metric fails to load move to `unavailable`."""
     scorers = {}
     for name in dict.fromkeys(s.metric for s in chosen):
@@ -289,7 +313,11 @@ def score_outputs(
     """method -> column -> one score per image of the batch (the ground truth: no-reference only)."""
     refs = {None: None, GROUND_TRUTH: batch.refs, INPUT: batch.inputs}
     return {
-        method: {s.info.name: scorers[s.metric].score_batch(outs, refs[s.reference]) for s in chosen if not (method == GROUND_TRUTH and s.reference)}
+        method: {
+            s.info.name: scorers[s.metric].score_batch(outs, refs[s.reference])
+            for s in chosen
+            if not (method == GROUND_TRUTH and s.reference)
+        }
         for method, outs in outputs.items()
     }
 

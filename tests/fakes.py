@@ -39,15 +39,21 @@ def face_like(size: int, seed: int) -> np.ndarray:
 def fine_tuning_assets(root: Path) -> dict[str, Path]:
     """What `refl` and `lrpo` tests tune: a tiny base restorer folder, a tiny FRM folder and a
     prepared folder of 6 face-like 64 px crops."""
+    from facerestore_cli.data.crops import MANIFEST, CropRecord
     from facerestore_cli.models import OneStepRestorer, configs
     from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
-    from facerestore_cli.data.crops import MANIFEST, CropRecord
 
     small = configs.get_config("tiny").with_overrides(
         vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
+        unet={
+            "block_out_channels": [16, 32, 32],
+            "in_channels": 8,
+            "out_channels": 8,
+            "cross_attention_dim": 16,
+            "attention_head_dim": 2,
+            "norm_num_groups": 8,
+        },
+    )
     torch.manual_seed(0)
     OneStepRestorer.from_config(small).save_pretrained(root / "base")
     torch.manual_seed(1)
@@ -71,6 +77,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun(command: str, config, out: Path) -> tuple[str, list[dict]]:
+    """`torchrun --nproc_per_node 2 -m facerestore_cli.cli COMMAND` on the CPU (gloo), as on 2 GPUs:
+    the run config (a RunConfig) is written beside OUT; returns everything printed and OUT's log
+    rows. A failure shows the failing rank's traceback (it comes before the launcher's summary)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = out.parent / f"{out.name}_config.json"
+    cfg.write_text(json.dumps(config.to_dict()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "facerestore_cli.cli",
+        command,
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-8000:]
+    return done.stdout + done.stderr, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def tiny_model_config(**changes):
     """The `tiny` restorer config shrunk further, so tests restore and train in milliseconds;
     `changes` are `with_overrides` fields (face_size, name, timestep, ...)."""
@@ -78,9 +117,15 @@ def tiny_model_config(**changes):
 
     small = configs.get_config("tiny").with_overrides(
         vae={"block_out_channels": [8, 8, 16, 16], "latent_channels": 8},
-        unet={"block_out_channels": [16, 32, 32], "in_channels": 8, "out_channels": 8,
-              "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 8},
-    )  # fmt: skip
+        unet={
+            "block_out_channels": [16, 32, 32],
+            "in_channels": 8,
+            "out_channels": 8,
+            "cross_attention_dim": 16,
+            "attention_head_dim": 2,
+            "norm_num_groups": 8,
+        },
+    )
     return small.with_overrides(**changes) if changes else small  # vae/unet changes merge key by key
 
 
@@ -137,7 +182,23 @@ def make_face_video(path: Path, face: np.ndarray, frames: int = 6, fps: int = 6)
 
     h, w = face.shape[:2]
     lavfi = ["-f", "lavfi", "-i", f"sine=frequency=440:duration={frames / fps}"]
-    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *lavfi]
+    cmd = [
+        ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-r",
+        str(fps),
+        "-i",
+        "-",
+        *lavfi,
+    ]
     cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)]
     data = b"".join(np.roll(face, 4 * i, axis=1).tobytes() for i in range(frames))
     subprocess.run(cmd, input=data, check=True)

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
+from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.data.testsets import DEGRADATIONS, EvalInputError, degrade_folder, find_lq, load_degradation_config, source_images
 from facerestore_cli.evaluate import evaluate
 from facerestore_cli.metrics.identity import identity_unavailable_reason
-from facerestore_cli.data.degrade import DegradationConfig
 
 MILD = DegradationConfig(blur_sigma=(0.5, 2.0), downsample=(1.0, 2.0), noise_sigma=(0.0, 5.0), jpeg_quality=(60, 95))
 
@@ -58,7 +58,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".png", ".jsonl")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".png", ".jsonl")
+    }
 
 
 def test_degrade_writes_pairs_and_parameters(pairs):
@@ -96,11 +98,11 @@ def test_degrade_reads_manifests_and_configs(tmp_path):
     cv2.imwrite(str(tmp_path / "ignored.png"), _face_like(32, 2))
     assert [n for n, _ in source_images(tmp_path)] == ["a.png"]
     cfg_file = tmp_path / "train.toml"
-    cfg_file.write_text('steps = 3\n[degradation]\nblur_sigma = [1.0, 2.0]\njpeg_quality = [50, 60]\n')
+    cfg_file.write_text("steps = 3\n[degradation]\nblur_sigma = [1.0, 2.0]\njpeg_quality = [50, 60]\n")
     cfg = load_degradation_config(cfg_file)
     assert cfg.blur_sigma == (1.0, 2.0) and cfg.jpeg_quality == (50, 60) and cfg.noise_sigma == DegradationConfig().noise_sigma
     (tmp_path / "bad.toml").write_text("blur = [1, 2]\n")
-    with pytest.raises(EvalInputError, match="unknown degradation keys blur"):
+    with pytest.raises(EvalInputError, match="unknown degradation keys: blur"):
         load_degradation_config(tmp_path / "bad.toml")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalInputError, match="no images"):
@@ -155,14 +157,30 @@ def test_evaluate_bad_inputs(tmp_path, pairs):
 def test_cli_degrade_and_eval(hq_folder, tiny_model, tmp_path):
     runner = CliRunner()
     out = tmp_path / "set"
-    res = runner.invoke(main, ["degrade", str(hq_folder), "-o", str(out), "--seed", "3", "--blur-sigma", "1,2", "--noise", "0,4", "--size", "64"])
+    res = runner.invoke(
+        main, ["degrade", str(hq_folder), "-o", str(out), "--seed", "3", "--blur-sigma", "1,2", "--noise", "0,4", "--size", "64"]
+    )
     assert res.exit_code == 0, res.output
     assert len(list((out / "lq").rglob("*.png"))) == 4
     rows = [json.loads(line) for line in (out / DEGRADATIONS).read_text().splitlines()]
     assert all(1 <= r["sigma_x"] <= 2 and r["noise"] <= 4 for r in rows)
 
     grid, js = tmp_path / "g.png", tmp_path / "s.json"
-    args = ["eval", "--pairs", str(out), "--model", str(tiny_model), "--metrics", "psnr,ssim,lpips", "--grid", str(grid), "--json", str(js), "--device", "cpu"]
+    args = [
+        "eval",
+        "--pairs",
+        str(out),
+        "--model",
+        str(tiny_model),
+        "--metrics",
+        "psnr,ssim,lpips",
+        "--grid",
+        str(grid),
+        "--json",
+        str(js),
+        "--device",
+        "cpu",
+    ]
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     for word in ("input", "bicubic_unsharp", "tiny-random", "psnr", "ssim"):
@@ -196,7 +214,12 @@ def real_like(pairs, tmp_path_factory) -> list[Path]:
 
 def test_find_lq_pools_folders_without_clashes(real_like):
     names = [it.name for it in find_lq(real_like)]
-    assert names == ["GFPGAN/cropped_faces/face_0", "GFPGAN/cropped_faces/face_1", "GFPGAN/cropped_faces/sub/face_9", "DiffBIR/aligned/face_0"]
+    assert names == [
+        "GFPGAN/cropped_faces/face_0",
+        "GFPGAN/cropped_faces/face_1",
+        "GFPGAN/cropped_faces/sub/face_9",
+        "DiffBIR/aligned/face_0",
+    ]
     # a parent folder next to one of its subfolders: every file once
     assert len(find_lq([real_like[0].parents[1], real_like[0]])) == 4
     assert [it.name for it in find_lq(real_like[0])] == ["face_0", "face_1", "sub/face_9"]
@@ -205,12 +228,16 @@ def test_find_lq_pools_folders_without_clashes(real_like):
 def test_evaluate_identity_against_input_without_ground_truth(real_like, tiny_model):
     if reason := identity_unavailable_reason():
         pytest.skip(f"identity metric unavailable: {reason}")
-    result = evaluate(lq=real_like, models=[tiny_model], metrics=["psnr", "identity", "identity_dist", "niqe"], input_reference=True, batch_size=4)
+    result = evaluate(
+        lq=real_like, models=[tiny_model], metrics=["psnr", "identity", "identity_dist", "niqe"], input_reference=True, batch_size=4
+    )
     assert [m.name for m in result.metrics] == ["identity@input", "identity_dist@input", "niqe"]
     assert result.reference == {"identity@input": "input", "identity_dist@input": "input", "niqe": None}
     assert "reward doing nothing" in result.skipped["psnr"] and "ground truth" in result.skipped["identity"]
     assert result.images == 4 and result.counts["tiny-random"]["identity_dist@input"] == 4  # the 58x61 crop too
-    assert result.table["input"]["identity@input"] == pytest.approx(1.0) and result.table["input"]["identity_dist@input"] == pytest.approx(0.0)
+    assert result.table["input"]["identity@input"] == pytest.approx(1.0) and result.table["input"]["identity_dist@input"] == pytest.approx(
+        0.0
+    )
     for method in ("bicubic_unsharp", "tiny-random"):
         assert 0 < result.table[method]["identity_dist@input"] < 2 and result.table[method]["identity@input"] < 1
     assert result.to_dict()["metrics"]["identity@input"]["reference"] == "input"
@@ -222,7 +249,21 @@ def test_cli_eval_several_lq_folders_against_input(real_like, tmp_path):
     if reason := identity_unavailable_reason():
         pytest.skip(f"identity metric unavailable: {reason}")
     js = tmp_path / "s.json"
-    args = ["eval", "--lq", str(real_like[0]), "--lq", str(real_like[1]), "--baselines-only", "--input-reference", "--metrics", "psnr,identity_dist", "--json", str(js), "--device", "cpu"]
+    args = [
+        "eval",
+        "--lq",
+        str(real_like[0]),
+        "--lq",
+        str(real_like[1]),
+        "--baselines-only",
+        "--input-reference",
+        "--metrics",
+        "psnr,identity_dist",
+        "--json",
+        str(js),
+        "--device",
+        "cpu",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "identity_dist@input" in res.output and "(0.0000)" in res.output and "against the degraded input" in res.output

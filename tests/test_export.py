@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import face_like, randomize_fusion, tiny_model_config
 
 from facerestore_cli.cli import main
 from facerestore_cli.export import EngineError
 from facerestore_cli.export.meta import read_meta, sidecar_path
 from facerestore_cli.export.source import ModelSource
 from facerestore_cli.models import configs
+from facerestore_cli.models.loading import load_restorer
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import restore_latent
-from facerestore_cli.models.loading import load_restorer
-
-from fakes import face_like, randomize_fusion, tiny_model_config
 
 pytest.importorskip("onnxruntime")  # a guard only: the test extra installs it
 
@@ -146,7 +145,9 @@ def restore(face: Path, out: Path, *args: str):
     return CliRunner().invoke(main, ["restore", str(face), "-o", str(out), "--aligned", "--device", "cpu", *args])
 
 
-def test_restore_backend_onnx_same_image_as_torch_and_cached(models: dict[str, Path], tmp_path: Path, _cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restore_backend_onnx_same_image_as_torch_and_cached(
+    models: dict[str, Path], tmp_path: Path, _cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     face = tmp_path / "face.png"
     cv2.imwrite(str(face), face_like(FACE, 5))
     model = ["--model", str(models["one_step"]), "--lora", str(models["lora"])]
@@ -199,7 +200,18 @@ def test_engine_from_another_model_is_refused(models: dict[str, Path], tmp_path:
     # the same weights plus a LoRA are another model too
     same = tmp_path / "one.onnx"
     assert export(["--model", str(models["one_step"]), "-o", str(same)]).exit_code == 0
-    with_lora = restore(face, tmp_path / "out", "--model", str(models["one_step"]), "--lora", str(models["lora"]), "--backend", "onnx", "--engine", str(same))
+    with_lora = restore(
+        face,
+        tmp_path / "out",
+        "--model",
+        str(models["one_step"]),
+        "--lora",
+        str(models["lora"]),
+        "--backend",
+        "onnx",
+        "--engine",
+        str(same),
+    )
     assert with_lora.exit_code == 2 and str(same) in one_error_line(with_lora.output)
     sidecar_path(same).unlink()
     no_sidecar = restore(face, tmp_path / "out", "--model", str(models["one_step"]), "--backend", "onnx", "--engine", str(same))

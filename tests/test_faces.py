@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from facerestore_cli.faces.face import DetectorUnavailable, Face
 from facerestore_cli.faces import build_detector, estimate_affine, face_template, paste_faces, scale_affine, warp_faces
 from facerestore_cli.faces.align import feather_mask
+from facerestore_cli.faces.face import DetectorUnavailable, Face
 
 PHOTOS = "faces/train/photos"
 

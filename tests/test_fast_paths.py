@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import assert_images_close, face_like, free_port, randomize_fusion, tiny_model_config
 
 from facerestore_cli.cli import main
-from facerestore_cli.io.inputs import InputItem
 from facerestore_cli.io.images import read_image
+from facerestore_cli.io.inputs import InputItem
 from facerestore_cli.models import OneStepRestorer, configs
 from facerestore_cli.models.inference import CompiledRestorer, restore_crops, to_tensor, to_uint8
 from facerestore_cli.models.precision import PrecisionGuard, bad_faces
-from facerestore_cli.restore.shards import Shard, merge_summaries
-from facerestore_cli.restore.report import Summary
 from facerestore_cli.restore.face_restorer import fast_torch_model
-
-from fakes import assert_images_close, face_like, free_port, randomize_fusion, tiny_model_config
+from facerestore_cli.restore.report import Summary
+from facerestore_cli.restore.shards import Shard, merge_summaries
 
 FACE = 64
 SLOW = os.environ.get("FACERESTORE_SLOW_TESTS") == "1"
@@ -239,9 +238,29 @@ def test_merged_summary_adds_counts_and_keeps_one_copy_of_shared_errors() -> Non
 
 
 def torchrun_restore(model_dir: Path, src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "facerestore_cli.cli", "restore", str(src), "-o", str(out), "--aligned", "--device", "cpu",
-           "--model", str(model_dir), "--batch-size", "2", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "facerestore_cli.cli",
+        "restore",
+        str(src),
+        "-o",
+        str(out),
+        "--aligned",
+        "--device",
+        "cpu",
+        "--model",
+        str(model_dir),
+        "--batch-size",
+        "2",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

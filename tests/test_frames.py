@@ -14,24 +14,24 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import FixedFaces, NegativeModel, assert_images_close, face_like, landmarks_at, make_face_video, tiny_restorer
 
-from facerestore_cli.restore import face_restorer as face_restorer_module
-from facerestore_cli.restore import loop as restore_loop
 from facerestore_cli.cli import main
+from facerestore_cli.errors import InputError
 from facerestore_cli.faces.align import _bounds, estimate_affine, scale_affine
 from facerestore_cli.faces.tensor_align import resize_tensor
-from facerestore_cli.restore.frames import resolve_frame_path
 from facerestore_cli.io.files import MediaError
-from facerestore_cli.io.video_writer import VideoWriter
-from facerestore_cli.io.video import probe_video, read_video_frames
 from facerestore_cli.io.images import resize_image
+from facerestore_cli.io.video import probe_video, read_video_frames
+from facerestore_cli.io.video_writer import VideoWriter
 from facerestore_cli.models.inference import restore_crops
+from facerestore_cli.restore import face_restorer as face_restorer_module
+from facerestore_cli.restore import loop as restore_loop
 from facerestore_cli.restore.face_restorer import FaceRestorer, face_sizes_for, resolve_batch_size
-from facerestore_cli.restore.options import RestoreOptions, parse_batch_size
+from facerestore_cli.restore.frames import resolve_frame_path
 from facerestore_cli.restore.loop import run_restore
+from facerestore_cli.restore.options import RestoreOptions, parse_batch_size
 from facerestore_cli.restore.threads import Prefetch, WriteBehind
-
-from fakes import FixedFaces, assert_images_close, NegativeModel, face_like, landmarks_at, make_face_video, tiny_restorer
 
 FACE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +89,10 @@ def test_auto_face_size_restores_small_faces_on_small_crops(upscale: float, want
     size applies to every face."""
     detector = FixedFaces([landmarks_at((60, 70), 30, 0.2), landmarks_at((130, 140), 6, -0.3)])
     model = NegativeModel(FACE, working_sizes=(32,))
-    got = {p: FaceRestorer(model, detector, color_fix="none", frame_path=p).restore_frames(frames(), upscale, keep_faces=True) for p in ("numpy", "tensor")}
+    got = {
+        p: FaceRestorer(model, detector, color_fix="none", frame_path=p).restore_frames(frames(), upscale, keep_faces=True)
+        for p in ("numpy", "tensor")
+    }
     for frame, a, b in zip(frames(), got["numpy"], got["tensor"]):
         assert [c.shape[0] for c in a.crops] == [c.shape[0] for c in b.crops] == [f.shape[0] for f in b.restored] == want_sizes
         assert np.abs(a.image.astype(int) - b.image).max() <= 2
@@ -176,7 +179,7 @@ def test_cli_passes_the_frame_path_and_face_size(monkeypatch: pytest.MonkeyPatch
 
     def build(choice, detection, faces, **kwargs):
         seen.update(frame_path=faces.frame_path, face_size=faces.face_size)
-        raise ValueError("stop here")
+        raise InputError("stop here")
 
     monkeypatch.setattr(face_restorer_module, "build_face_restorer", build)
     run = lambda *opts: CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), *opts])  # noqa: E731

@@ -11,7 +11,24 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "facerestore_cli"
 #: The parts, lowest first (docs/DESIGN.md): a part may import only parts before it.
-ORDER = ["errors", "paths", "devices", "configfile", "io", "faces", "models", "metrics", "rewards", "data", "export", "restore", "train", "evaluate", "commands", "cli"]
+ORDER = [
+    "errors",
+    "paths",
+    "devices",
+    "configfile",
+    "io",
+    "faces",
+    "models",
+    "metrics",
+    "rewards",
+    "data",
+    "export",
+    "restore",
+    "train",
+    "evaluate",
+    "commands",
+    "cli",
+]
 MAX_LINES = 600
 
 

@@ -11,15 +11,25 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import face_like, fine_tuning_assets, run_torchrun
 
 from facerestore_cli.cli import main
 from facerestore_cli.models import OneStepRestorer
-from facerestore_cli.models.restorer import read_lora_metadata
+from facerestore_cli.models.lora import read_lora_metadata
 from facerestore_cli.models.sampler import gaussian_log_prob, restore_latent, sample_trajectories, sampling_timesteps, transition_log_prob
 from facerestore_cli.rewards.composite import CompositeReward, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
-from facerestore_cli.train.lrpo import LrpoConfig, LrpoObjective, build_lrpo, ground_truth_targets, group_advantages, ppo_loss, rollout, step_advantages, train_lrpo
-from fakes import free_port, face_like, fine_tuning_assets
+from facerestore_cli.train.lrpo import (
+    LrpoConfig,
+    LrpoObjective,
+    build_lrpo,
+    ground_truth_targets,
+    group_advantages,
+    ppo_loss,
+    rollout,
+    step_advantages,
+    train_lrpo,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,10 +41,22 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_config(assets: dict[str, Path], steps: int = 2, **changes) -> LrpoConfig:
     raw = {
-        "data": [str(assets["data"])], "model": str(assets["base"]), "frm": str(assets["frm"]), "lora_rank": 2, "steps": steps,
-        "batch_size": 2, "group_size": 3, "sampling_steps": 2, "face_size": 64, "lr": 1e-3, "wavelet_levels": 2,
-        "quality_metric": "frm", "num_workers": 0, "log_every": 1, "checkpoint_every": 2,
-    }  # fmt: skip
+        "data": [str(assets["data"])],
+        "model": str(assets["base"]),
+        "frm": str(assets["frm"]),
+        "lora_rank": 2,
+        "steps": steps,
+        "batch_size": 2,
+        "group_size": 3,
+        "sampling_steps": 2,
+        "face_size": 64,
+        "lr": 1e-3,
+        "wavelet_levels": 2,
+        "quality_metric": "frm",
+        "num_workers": 0,
+        "log_every": 1,
+        "checkpoint_every": 2,
+    }
     return LrpoConfig.from_dict(raw | changes)
 
 
@@ -61,7 +83,9 @@ def test_one_sampling_step_is_the_one_step_restorer_and_more_steps_change_little
 
 def test_transition_log_probs_are_gaussian_and_recomputable(assets) -> None:
     model = base_model(assets)
-    assert torch.allclose(gaussian_log_prob(torch.zeros(1, 4), torch.zeros(1, 4), 0.5), torch.tensor([-math.log(0.5) - 0.5 * math.log(2 * math.pi)]))
+    assert torch.allclose(
+        gaussian_log_prob(torch.zeros(1, 4), torch.zeros(1, 4), 0.5), torch.tensor([-math.log(0.5) - 0.5 * math.log(2 * math.pi)])
+    )
     z = model.encode(torch.rand(3, 3, 64, 64) * 2 - 1)
     z0, path = sample_trajectories(model, z, 3, eta=1.0, final_std=0.05, generator=torch.Generator().manual_seed(0))
     assert len(path) == 3 and torch.equal(path[-1].z_next, z0)
@@ -154,7 +178,12 @@ def test_composite_reward_scores_fidelity_and_reports_dropped_components(assets)
 
 # ---------------------------------------------------------------- runs
 def test_config_rejects_settings_that_cannot_train(assets) -> None:
-    for bad, match in [({"group_size": 1}, "group_size"), ({"eta": 0.0}, "eta"), ({"likelihood_steps": 3}, "likelihood_steps"), ({"lora_rank": 0}, "lora_rank")]:
+    for bad, match in [
+        ({"group_size": 1}, "group_size"),
+        ({"eta": 0.0}, "eta"),
+        ({"likelihood_steps": 3}, "likelihood_steps"),
+        ({"lora_rank": 0}, "lora_rank"),
+    ]:
         with pytest.raises(ValueError, match=match):
             tiny_config(assets, **bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -166,7 +195,17 @@ def test_lrpo_trains_unet_lora_logs_rewards_and_resumes(assets, tmp_path: Path) 
     assert first["finished"] and first["step"] == 2
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward_total", "reward_frm", "reward_fidelity", "reward_quality", "reward_structure", "policy", "likelihood", "clip_fraction", "restorations_per_s"):
+    for key in (
+        "reward_total",
+        "reward_frm",
+        "reward_fidelity",
+        "reward_quality",
+        "reward_structure",
+        "policy",
+        "likelihood",
+        "clip_fraction",
+        "restorations_per_s",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     meta = read_lora_metadata(tmp_path / "lora.safetensors")
     assert meta["sampling_steps"] == 2 and meta["rank_vae"] == 0, "UNet LoRA only, tuned in 2-step mode"
@@ -176,7 +215,11 @@ def test_lrpo_trains_unet_lora_logs_rewards_and_resumes(assets, tmp_path: Path) 
     base = base_model(assets)
     tuned = OneStepRestorer.from_pretrained(tmp_path / "final", torch_dtype=torch.float32)
     assert tuned.config.sampling_steps == 2
-    assert all(torch.equal(a, b) for a, b in zip(base.vae.state_dict().values(), tuned.vae.float().state_dict().values()) if a.dtype == torch.float16)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(base.vae.state_dict().values(), tuned.vae.float().state_dict().values())
+        if a.dtype == torch.float16
+    )
     changed = [k for k, v in base.unet.state_dict().items() if not torch.allclose(v, tuned.unet.state_dict()[k].float(), atol=1e-3)]
     assert changed, "the merged UNet must differ from the base"
 
@@ -195,7 +238,10 @@ def test_cli_lrpo_then_restore_with_the_lora_in_its_sampling_mode(assets, tmp_pa
     cv2.imwrite(str(src / "face.png"), cv2.resize(face_like(64, 9), (512, 512), interpolation=cv2.INTER_CUBIC))
     common = ["--aligned", "--device", "cpu", "--color-fix", "none"]
     outs = {}
-    for name, extra in {"lora": ["--model", str(assets["base"]), "--lora", str(run / "lora.safetensors")], "base": ["--model", str(assets["base"])]}.items():
+    for name, extra in {
+        "lora": ["--model", str(assets["base"]), "--lora", str(run / "lora.safetensors")],
+        "base": ["--model", str(assets["base"])],
+    }.items():
         r = CliRunner().invoke(main, ["restore", str(src), "-o", str(tmp_path / name), *common, *extra])
         assert r.exit_code == 0, r.output
         outs[name] = cv2.imread(str(tmp_path / name / "face.png")).astype(np.float32)
@@ -207,16 +253,7 @@ def test_cli_lrpo_then_restore_with_the_lora_in_its_sampling_mode(assets, tmp_pa
 
 def test_two_process_lrpo_through_torchrun(assets, tmp_path: Path) -> None:
     """Each process samples its own faces; advantages share the batch's std (2 CPU processes, gloo)."""
-    import os
-    import subprocess
-    import sys
-
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(tiny_config(assets, steps=2, batch_size=1).to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "facerestore_cli.cli", "lrpo", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (done.stdout + done.stderr).count("lrpo summary") == 1, "only the main process reports"
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    printed, rows = run_torchrun("lrpo", tiny_config(assets, steps=2, batch_size=1), tmp_path / "run")
+    assert printed.count("lrpo summary") == 1, "only the main process reports"
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["reward_total"]) for r in rows)
     assert (tmp_path / "run" / "lora.safetensors").is_file()

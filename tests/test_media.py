@@ -14,11 +14,11 @@ import pytest
 from PIL import Image, ImageFile
 
 from facerestore_cli.io import video as media
-from facerestore_cli.io.inputs import InputItem, check_outdir, discover_inputs, output_path_for
-from facerestore_cli.io.images import LoadedImage, read_image, resize_image, write_image
 from facerestore_cli.io.files import MediaError
-from facerestore_cli.io.video_writer import VideoWriter
+from facerestore_cli.io.images import LoadedImage, read_image, resize_image, write_image
+from facerestore_cli.io.inputs import InputItem, check_outdir, discover_inputs, output_path_for
 from facerestore_cli.io.video import probe_video, read_video_frames
+from facerestore_cli.io.video_writer import VideoWriter
 
 FFMPEG = media.ffmpeg_exe()
 
@@ -199,10 +199,7 @@ def test_exclude_output_folder_inside_input(tmp_path: Path) -> None:
 def test_output_path_for(tmp_path: Path) -> None:
     item = InputItem(tmp_path / "in" / "a" / "x.jpg", Path("a/x.jpg"), "image")
     assert output_path_for(item, tmp_path / "out") == tmp_path / "out" / "a" / "x.jpg"
-    assert (
-        output_path_for(item, tmp_path / "out", "_restored")
-        == tmp_path / "out" / "a" / "x_restored.jpg"
-    )
+    assert output_path_for(item, tmp_path / "out", "_restored") == tmp_path / "out" / "a" / "x_restored.jpg"
     assert output_path_for(item, tmp_path / "out", ext="png") == tmp_path / "out" / "a" / "x.png"
 
 
@@ -248,9 +245,7 @@ def test_exif_rotated_jpeg_comes_out_upright(tmp_path: Path) -> None:
     img = read_image(src)
 
     assert img.rgb.shape == (60, 40, 3)  # portrait now
-    assert (
-        img.rgb[:25, :, 0].mean() > 200 and img.rgb[35:, :, 2].mean() > 200
-    )  # red top, blue bottom
+    assert img.rgb[:25, :, 0].mean() > 200 and img.rgb[35:, :, 2].mean() > 200  # red top, blue bottom
     out = write_image(tmp_path / "out" / "rot.jpg", img.rgb, like=img)
     with Image.open(out) as back:
         assert back.size == (40, 60)
@@ -306,16 +301,12 @@ def test_16bit_png_is_read_as_8bit(tmp_path: Path) -> None:
     src = tmp_path / "g16.png"
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(src)
     img = read_image(src)
-    assert (
-        img.bit_depth == 16 and img.is_grey and img.rgb.dtype == np.uint8 and img.rgb.max() == 255
-    )
+    assert img.bit_depth == 16 and img.is_grey and img.rgb.dtype == np.uint8 and img.rgb.max() == 255
 
 
 @pytest.mark.parametrize("ext", ["jpg", "png"])
 @pytest.mark.parametrize("tolerant", [False, True])
-def test_truncated_image_is_an_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ext: str, tolerant: bool
-) -> None:
+def test_truncated_image_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ext: str, tolerant: bool) -> None:
     # Another library may have enabled LOAD_TRUNCATED_IMAGES globally; we must still refuse.
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", tolerant)
     full = _save(tmp_path / f"full.{ext}", _noise(200, 300)).read_bytes()
@@ -390,11 +381,7 @@ def test_reader_can_stop_early(clip: Path) -> None:
 def test_video_round_trip_keeps_frames_fps_and_audio(
     tmp_path: Path, clip: Path, src_audio: str, src_ext: str, out_ext: str, out_audio: str
 ) -> None:
-    src = (
-        clip
-        if src_ext == ".mp4" and src_audio == "aac"
-        else _make_video(tmp_path / f"src{src_ext}", audio=src_audio)
-    )
+    src = clip if src_ext == ".mp4" and src_audio == "aac" else _make_video(tmp_path / f"src{src_ext}", audio=src_audio)
     info = probe_video(src)
     out = tmp_path / "out" / f"restored{out_ext}"
 

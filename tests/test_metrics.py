@@ -19,11 +19,13 @@ from facerestore_cli.metrics import (
     MetricUnavailable,
     available_metrics,
     create_metric,
+    external,
+    identity,
     list_metrics,
     metric_info,
     unavailable_metrics,
 )
-from facerestore_cli.metrics import external, identity, niqe as niqe_mod
+from facerestore_cli.metrics import niqe as niqe_mod
 from facerestore_cli.metrics.base import rgb_to_luma
 from facerestore_cli.metrics.classic import PSNR_CAP_DB, psnr, ssim, ssim_luma
 
@@ -113,8 +115,7 @@ def aligned_faces(shared_data):
     if reason:
         pytest.skip(f"identity metric unavailable: {reason}")
     from facerestore_cli.faces.align import estimate_affine, warp_faces
-    from facerestore_cli.faces.detector import build_detector
-    from facerestore_cli.faces.detector import detect_padded
+    from facerestore_cli.faces.detector import build_detector, detect_padded
 
     detector = build_detector("mtcnn")
     out = {}

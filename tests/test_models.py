@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-from facerestore_cli.models import configs
-from facerestore_cli.models.restorer import (
-    LoraMismatchError,
-    OneStepRestorer,
-    architecture_fingerprint,
-    count_parameters,
-    read_lora_metadata,
-    unet_lora_target_groups,
-    vae_encoder_lora_targets,
-)
-from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
-from facerestore_cli.models.loading import load_model_folder
 from fakes import randomize_fusion, tiny_model_config
 
-
+from facerestore_cli.models import configs
+from facerestore_cli.models.loading import load_model_folder
+from facerestore_cli.models.lora import LoraMismatchError, read_lora_metadata, unet_lora_target_groups, vae_encoder_lora_targets
+from facerestore_cli.models.restorer import OneStepRestorer, architecture_fingerprint, count_parameters
+from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,9 +104,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model(x)
     model.save_pretrained(tmp_path / "m")
-    assert {"restorer_config.json", "vae", "unet", "scheduler", "prompt_embeds.safetensors"} <= {
-        p.name for p in (tmp_path / "m").iterdir()
-    }
+    assert {"restorer_config.json", "vae", "unet", "scheduler", "prompt_embeds.safetensors"} <= {p.name for p in (tmp_path / "m").iterdir()}
     loaded = OneStepRestorer.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
@@ -257,12 +246,9 @@ def _write_tokenizer(folder: Path, max_len: int) -> int:
             vocab.setdefault(left, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "!"}  # fmt: skip
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_len, **special})
-    )
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_len, **special}))
     return len(vocab)
 
 
@@ -274,27 +260,58 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sd21")
     torch.manual_seed(0)
     AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, scaling_factor=0.18215,
-    ).save_pretrained(root / "vae")  # fmt: skip
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.18215,
+    ).save_pretrained(root / "vae")
     UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, use_linear_projection=True,
-    ).save_pretrained(root / "unet")  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    ).save_pretrained(root / "unet")
     # SD 2.1-base ships a PNDM scheduler config; the restorer reads its beta schedule.
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-    }))  # fmt: skip
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "PNDMScheduler",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "clip_sample": False,
+                "num_train_timesteps": 1000,
+                "prediction_type": "epsilon",
+                "set_alpha_to_one": False,
+                "skip_prk_steps": True,
+                "steps_offset": 1,
+                "trained_betas": None,
+            }
+        )
+    )
     vocab_size = _write_tokenizer(root / "tokenizer", max_len=8)
     text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     CLIPTextModel(text_cfg).save_pretrained(root / "text_encoder")
     return root
 
@@ -359,10 +376,23 @@ def test_load_sd21_folder(sd_folder: Path, tmp_path: Path) -> None:
         assert torch.equal(OneStepRestorer.from_pretrained(tmp_path / "converted")(x), out)
 
 
-_OSEDIFF_UNET_GREP = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                      "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]  # fmt: skip
-_OSEDIFF_VAE_GREP = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
-                     "to_k", "to_q", "to_v", "to_out.0"]  # fmt: skip
+_OSEDIFF_UNET_GREP = [
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv_out",
+    "proj_out",
+    "proj_in",
+    "ff.net.2",
+    "ff.net.0.proj",
+]
+_OSEDIFF_VAE_GREP = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0"]
 
 
 def _osediff_module_lists(unet: torch.nn.Module, vae: torch.nn.Module) -> dict[str, list[str]]:
@@ -389,8 +419,12 @@ def _osediff_module_lists(unet: torch.nn.Module, vae: torch.nn.Module) -> dict[s
                 venc.append(n.replace(".weight", ""))
             elif "quant_conv" in n and "post_quant_conv" not in n:
                 venc.append(n.replace(".weight", ""))
-    return {"unet_lora_encoder_modules": enc, "unet_lora_decoder_modules": dec,
-            "unet_lora_others_modules": oth, "vae_lora_encoder_modules": venc}  # fmt: skip
+    return {
+        "unet_lora_encoder_modules": enc,
+        "unet_lora_decoder_modules": dec,
+        "unet_lora_others_modules": oth,
+        "vae_lora_encoder_modules": venc,
+    }
 
 
 def _fake_osediff_pkl(root: Path, out: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
@@ -400,13 +434,16 @@ def _fake_osediff_pkl(root: Path, out: Path) -> tuple[AutoencoderKL, UNet2DCondi
     vae = AutoencoderKL.from_pretrained(root / "vae")
     unet = UNet2DConditionModel.from_pretrained(root / "unet")
     lists = _osediff_module_lists(unet, vae)
-    for key, adapter in (("unet_lora_encoder_modules", "default_encoder"),
-                         ("unet_lora_decoder_modules", "default_decoder"),
-                         ("unet_lora_others_modules", "default_others")):  # fmt: skip
+    for key, adapter in (
+        ("unet_lora_encoder_modules", "default_encoder"),
+        ("unet_lora_decoder_modules", "default_decoder"),
+        ("unet_lora_others_modules", "default_others"),
+    ):
         unet.add_adapter(LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists[key]), adapter_name=adapter)
     unet.set_adapter(["default_encoder", "default_decoder", "default_others"])
-    vae.add_adapter(LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists["vae_lora_encoder_modules"]),
-                    adapter_name="default_encoder")  # fmt: skip
+    vae.add_adapter(
+        LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists["vae_lora_encoder_modules"]), adapter_name="default_encoder"
+    )
     randomize_lora(unet, seed=5)
     randomize_lora(vae, seed=6)
     with torch.no_grad():
@@ -460,8 +497,7 @@ def test_osediff_checkpoint_errors(sd_folder: Path, tmp_path: Path) -> None:
     torch.save({"state_dict_unet": {}}, tmp_path / "bad.pkl")
     with pytest.raises(ValueError, match="missing keys unet_lora_encoder_modules"):
         load_osediff_checkpoint(model, tmp_path / "bad.pkl")
-    wrong = {k: ["down_blocks.9.nothing"] for k in ("unet_lora_encoder_modules", "unet_lora_decoder_modules",
-                                                    "unet_lora_others_modules")}  # fmt: skip
+    wrong = {k: ["down_blocks.9.nothing"] for k in ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules")}
     torch.save({**wrong, "rank_unet": 4, "state_dict_unet": {}}, tmp_path / "wrong.pkl")
     with pytest.raises(ValueError, match="cannot apply unet adapter"):
         load_osediff_checkpoint(load_sd21_folder(sd_folder), tmp_path / "wrong.pkl")
@@ -498,7 +534,10 @@ def test_color_fixes_keep_input_colours() -> None:
     torch.testing.assert_close(adain.mean((2, 3)), src.mean((2, 3)), atol=2e-3, rtol=0)
     wavelet = color_fix(cast, src, "wavelet")
     assert (low_frequency(wavelet) - low_frequency(src)).abs().mean() < 0.25 * (low_frequency(cast) - low_frequency(src)).abs().mean()
-    high = lambda x: x - low_frequency(x)
+
+    def high(x):
+        return x - low_frequency(x)
+
     assert (high(wavelet) - high(cast)).abs().mean() < 0.02
     assert torch.equal(color_fix(cast, src, "none"), cast)
     for bad in ("sepia", "wavelet:0", "wavelet:x", "adain:3", "wavelet:9"):
@@ -518,7 +557,10 @@ def test_fewer_wavelet_levels_keep_more_of_the_input_and_all_keep_the_finest_det
     restored = (src + moved + fine).clamp(-1, 1)
     err = {n: (color_fix(restored, src, f"wavelet:{n}") - src).abs().mean() for n in (2, 3, 5)}
     assert err[2] < err[3] < err[5] < (restored - src).abs().mean()
-    finest = lambda x: x - low_frequency(x, 1)
+
+    def finest(x):
+        return x - low_frequency(x, 1)
+
     for n in (2, 3, 5):
         kept = (finest(color_fix(restored, src, f"wavelet:{n}")) - finest(restored)).abs().mean()
         assert kept < 0.2 * finest(fine).abs().mean()

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import assert_images_close, face_like, fine_tuning_assets, run_torchrun
 from safetensors.torch import load_file
 
 from facerestore_cli.cli import main
 from facerestore_cli.models import OneStepRestorer
 from facerestore_cli.train.checkpoint import find_checkpoint
 from facerestore_cli.train.refl import ReflConfig, build_refl, train_refl
-from fakes import assert_images_close, face_like, fine_tuning_assets
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,10 +29,22 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_config(assets: dict[str, Path], steps: int = 2, **changes) -> ReflConfig:
     raw = {
-        "data": [str(assets["data"])], "model": str(assets["base"]), "frm": str(assets["frm"]), "lora_rank": 2, "steps": steps,
-        "batch_size": 2, "face_size": 64, "lr": 1e-3, "warmup_steps": 1, "wavelet_levels": 2, "frm_update_every": 1, "frm_lr": 1e-3,
-        "num_workers": 0, "log_every": 1, "checkpoint_every": 2,
-    }  # fmt: skip
+        "data": [str(assets["data"])],
+        "model": str(assets["base"]),
+        "frm": str(assets["frm"]),
+        "lora_rank": 2,
+        "steps": steps,
+        "batch_size": 2,
+        "face_size": 64,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "wavelet_levels": 2,
+        "frm_update_every": 1,
+        "frm_lr": 1e-3,
+        "num_workers": 0,
+        "log_every": 1,
+        "checkpoint_every": 2,
+    }
     return ReflConfig.from_dict(raw | changes)
 
 
@@ -57,7 +68,10 @@ def test_reward_gradient_reaches_lora_in_unet_and_vae_encoder_only(assets) -> No
     assert {"reward", "structural", "perceptual", "regulariser", "total", "frm_score"} <= set(terms)
     terms["reward"].backward()  # the reward term alone
     grads = {n: p.grad for n, p in model.named_parameters()}
-    has = lambda prefix: any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix) and ".lora_" in n)
+
+    def has(prefix):
+        return any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix) and ".lora_" in n)
+
     assert has("unet."), "the FRM's gradient must reach the UNet's LoRA"
     assert has("vae.encoder."), "the FRM's gradient must flow back through the decoder and UNet into the encoder's LoRA"
     assert all(g is None for n, g in grads.items() if ".lora_" not in n), "base weights (decoder included) stay frozen"
@@ -88,7 +102,9 @@ def test_frozen_frm_stays_and_only_lora_changes(assets, tmp_path: Path) -> None:
     assert not (tmp_path / "frm_final").exists()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("frm_accuracy" not in r for r in rows)
-    assert all(np.isfinite(r[k]) for r in rows for k in ("total", "reward", "frm_score", "structural", "perceptual", "regulariser", "images_per_s"))
+    assert all(
+        np.isfinite(r[k]) for r in rows for k in ("total", "reward", "frm_score", "structural", "perceptual", "regulariser", "images_per_s")
+    )
     lora = load_file(str(tmp_path / "lora.safetensors"))
     assert lora and all(".lora_" in k for k in lora), "the adapter file holds LoRA weights only"
     assert any(k.startswith("vae.encoder.") for k in lora) and any(k.startswith("unet.") for k in lora)
@@ -123,7 +139,9 @@ def test_dynamic_frm_learns_and_resume_restores_its_state(assets, tmp_path: Path
 
 def test_restore_with_the_lora_file_equals_the_merged_model(assets, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["refl", "--config", str(write_toml(tmp_path / "c.toml", assets)), "--out", str(run), "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["refl", "--config", str(write_toml(tmp_path / "c.toml", assets)), "--out", str(run), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert (run / "lora.safetensors").is_file() and (run / "final").is_dir() and (run / "frm_final").is_dir()
     src = tmp_path / "in"
@@ -176,3 +194,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_shipped_refl_configs_parse(path: Path) -> None:
     cfg = ReflConfig.from_file(path)
     assert cfg.steps > 0 and cfg.lora_rank > 0 and cfg.degradation.jpeg_quality[0] >= 1
+
+
+def test_two_process_refl_through_torchrun(assets, tmp_path: Path) -> None:
+    """ReFL runs under accelerate like `train` and `lrpo`: each process tunes on its shard of the
+    faces, both make the same dynamic-FRM step on the gathered batch (2 CPU processes, gloo)."""
+    printed, rows = run_torchrun("refl", tiny_config(assets, steps=2, batch_size=1), tmp_path / "run")
+    assert printed.count("refl summary") == 1, "only the main process reports"
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["total"]) and 0 <= r["frm_accuracy"] <= 1 for r in rows)
+    assert (
+        (tmp_path / "run" / "lora.safetensors").is_file()
+        and (tmp_path / "run" / "final").is_dir()
+        and (tmp_path / "run" / "frm_final").is_dir()
+    )
+    assert find_checkpoint(tmp_path / "run") is not None

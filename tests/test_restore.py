@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import make_face_video
 
 from facerestore_cli.cli import main
 from facerestore_cli.faces import estimate_affine
-from facerestore_cli.io.video import probe_video, read_video_frames
 from facerestore_cli.io.images import read_image
+from facerestore_cli.io.video import probe_video, read_video_frames
 from facerestore_cli.models.loading import DEFAULT_MODEL
-from facerestore_cli.restore.options import RestoreOptions
 from facerestore_cli.restore.face_restorer import build_face_restorer
-from facerestore_cli.restore.options import FaceSettings
 from facerestore_cli.restore.loop import run_restore
-
-from fakes import make_face_video
+from facerestore_cli.restore.options import FaceSettings, RestoreOptions
 
 REAL = "real_lq"
 WHOLE = ["CodeFormer/inputs/whole_imgs/00.jpg", "GFPGAN/inputs/whole_imgs/10045.jpg"]
@@ -175,7 +173,13 @@ def test_cli_bad_inputs_rest_goes_on(real: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "nothing").mkdir()
     (tmp_path / "noframes.mp4").write_bytes(b"\x00" * 64)
-    args = [str(folder), str(tmp_path / "notes.txt"), str(tmp_path / "nothing"), str(tmp_path / "noframes.mp4"), str(tmp_path / "missing.jpg")]
+    args = [
+        str(folder),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "nothing"),
+        str(tmp_path / "noframes.mp4"),
+        str(tmp_path / "missing.jpg"),
+    ]
     result = CliRunner().invoke(main, ["restore", *args, "-o", str(tmp_path / "out"), "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert (tmp_path / "out" / "sub" / "good.jpg").is_file(), "the good file must still be restored"
@@ -201,6 +205,26 @@ def test_cli_refuses_a_bad_color_fix_before_reading_anything(real: Path, tmp_pat
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out"), "--color-fix", "wavelet:0"])
     assert result.exit_code == 2 and "wavelet:N" in result.output and "--color-fix" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_turns_only_user_errors_into_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FacerestoreError is the user's to fix: one line and exit code 2. Anything else is a bug
+    and must surface as one, not pass for bad input."""
+    from facerestore_cli.errors import MissingFileError
+    from facerestore_cli.restore import face_restorer as face_restorer_module
+
+    def load(error: Exception):
+        def fails(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(face_restorer_module, "load_restorer", fails)
+        return CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu"])
+
+    user = load(MissingFileError("model folder not found: nowhere"))
+    assert user.exit_code == 2 and "error: model folder not found: nowhere" in user.output
+    for bug in (RuntimeError("a bug in loading"), ValueError("a bug in loading")):
+        result = load(bug)
+        assert result.exit_code == 1 and result.exception is bug and "error:" not in result.output
 
 
 def test_cli_extras_and_skip_existing(real: Path, tmp_path: Path) -> None:

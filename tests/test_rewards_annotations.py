@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import face_like
 
 from facerestore_cli.cli import main
 from facerestore_cli.data.annotations import AnnotationError, load_annotations, read_pairs
 from facerestore_cli.data.autopairs import degrade_at, graded_params
 from facerestore_cli.data.degrade import DegradationConfig, apply_degradation, sample_params
-from fakes import face_like
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +100,9 @@ def test_ratings_become_pairs_within_groups(faces: Path) -> None:
 
 def test_unusable_files_are_one_line_errors(faces: Path, tmp_path: Path) -> None:
     (faces / "x.csv").write_text("left,right\na.png,b.png\n")
-    with pytest.raises(AnnotationError, match=r"x\.csv: columns left, right are neither pairwise preferences \(image_a, image_b, preferred\) nor ratings"):
+    with pytest.raises(
+        AnnotationError, match=r"x\.csv: columns left, right are neither pairwise preferences \(image_a, image_b, preferred\) nor ratings"
+    ):
         load_annotations(faces / "x.csv")
     (faces / "x.txt").write_text("")
     with pytest.raises(AnnotationError, match="unknown annotation format '.txt'"):
@@ -145,7 +146,22 @@ def test_frm_pairs_writes_rule_labelled_pairs_and_candidates(tmp_path: Path) -> 
         cv2.imwrite(str(src / f"f{i}.png"), face_like(96, i))
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nope")  # sorted first, and chosen for restoring
     out = tmp_path / "pairs"
-    args = ["frm-pairs", str(src), "-o", str(out), "--size", "32", "--work-size", "64", "--levels", "0.5,1", "--restore-limit", "1", "--device", "cpu"]
+    args = [
+        "frm-pairs",
+        str(src),
+        "-o",
+        str(out),
+        "--size",
+        "32",
+        "--work-size",
+        "64",
+        "--levels",
+        "0.5,1",
+        "--restore-limit",
+        "1",
+        "--device",
+        "cpu",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "broken.png: unreadable image, skipped" in res.stderr, res.output
     pairs = read_pairs(out / "pairs.jsonl")
@@ -168,8 +184,8 @@ def test_frm_pairs_writes_rule_labelled_pairs_and_candidates(tmp_path: Path) -> 
 
 
 def test_an_interrupted_frm_pairs_run_resumes_to_the_same_set(tmp_path: Path) -> None:
-    from facerestore_cli.data.testsets import EvalInputError
     from facerestore_cli.data.autopairs import AutoPairsConfig, make_auto_pairs
+    from facerestore_cli.data.testsets import EvalInputError
 
     src = tmp_path / "src"
     src.mkdir()
@@ -187,7 +203,9 @@ def test_an_interrupted_frm_pairs_run_resumes_to_the_same_set(tmp_path: Path) ->
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        make_auto_pairs(src, cut, AutoPairsConfig(size=32, work_size=64, levels=[0.5, 1.0], seed=4, write_every=1), on_face=stop_after_three)
+        make_auto_pairs(
+            src, cut, AutoPairsConfig(size=32, work_size=64, levels=[0.5, 1.0], seed=4, write_every=1), on_face=stop_after_three
+        )
     assert not (cut / "pairs.jsonl").exists() and (cut / "pairs.partial.jsonl").is_file()
     with pytest.raises(EvalInputError, match="interrupted run used other settings \\(seed\\)"):
         make_auto_pairs(src, cut, AutoPairsConfig(size=32, work_size=64, levels=[0.5, 1.0], seed=5))

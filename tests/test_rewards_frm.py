@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import face_like
 
 from facerestore_cli.cli import main
 from facerestore_cli.rewards.backbones import BackboneError
 from facerestore_cli.rewards.frm import CLIP_MEAN, CLIP_STD, FaceRewardModel, FrmConfig, load_frm
-from fakes import face_like
 
 TINY = dict(image_size=32, channels=[8, 16], embed_dim=16)
 #: A tiny open_clip CLIP with the ViT-H-14 / HPSv2 layout (same key names, small sizes).
@@ -128,7 +128,9 @@ def test_score_command_takes_an_upstream_checkpoint(upstream, tmp_path: Path) ->
     path, _ = upstream
     (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
     cv2.imwrite(str(tmp_path / "face.png"), face_like(32, 0))
-    res = CliRunner().invoke(main, ["score", str(tmp_path / "face.png"), "--model", str(path), "--clip", str(tmp_path / "clip.json"), "--caption", "a face"])
+    res = CliRunner().invoke(
+        main, ["score", str(tmp_path / "face.png"), "--model", str(path), "--clip", str(tmp_path / "clip.json"), "--caption", "a face"]
+    )
     assert res.exit_code == 0, res.output
     score, name = res.stdout.strip().split("\t")
     assert -1 <= float(score) <= 1 and name.endswith("face.png")
@@ -146,7 +148,19 @@ def test_score_prints_one_line_per_file_and_reports_bad_files(tiny_frm: Path, tm
     cv2.imwrite(str(good[0]), face_like(64, 0))
     cv2.imwrite(str(good[1]), face_like(64, 1))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    res = CliRunner().invoke(main, ["score", *map(str, good), str(tmp_path / "broken.png"), str(tmp_path / "missing.png"), "--model", str(tiny_frm), "--json", str(tmp_path / "s.json")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "score",
+            *map(str, good),
+            str(tmp_path / "broken.png"),
+            str(tmp_path / "missing.png"),
+            "--model",
+            str(tiny_frm),
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
     assert res.exit_code == 1
     lines = res.stdout.strip().splitlines()
     assert [Path(line.split("\t")[1]).name for line in lines] == ["a.png", "b.jpg"]

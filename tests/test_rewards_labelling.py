@@ -137,8 +137,14 @@ def test_labelling_page_in_a_headless_browser(candidates: list[Pair], tmp_path: 
 
         def shown_pair() -> tuple[int, str]:
             """Wait until the pair's images are decoded; return its id and the left image's URL."""
-            wait.until(lambda b: b.execute_script("return ['left','right'].every(id => {const i = document.getElementById(id); return i.complete && i.naturalWidth > 0;})"))
-            return int(browser.find_element(By.ID, "pair").get_attribute("data-id")), browser.find_element(By.ID, "left").get_attribute("src")
+            wait.until(
+                lambda b: b.execute_script(
+                    "return ['left','right'].every(id => {const i = document.getElementById(id); return i.complete && i.naturalWidth > 0;})"
+                )
+            )
+            return int(browser.find_element(By.ID, "pair").get_attribute("data-id")), browser.find_element(By.ID, "left").get_attribute(
+                "src"
+            )
 
         def wait_for(labelled: int) -> None:
             wait.until(lambda b: b.find_element(By.ID, "progress").text.startswith(f"{labelled} labelled"))

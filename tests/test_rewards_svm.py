@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fakes import face_like
 
 from facerestore_cli.cli import main
 from facerestore_cli.data.annotations import Pair, read_pairs, write_pairs
 from facerestore_cli.data.svm import FEATURE_NAMES, SvmConfig, auto_annotate, image_features, make_svm
-from fakes import face_like
 
 
 def test_features_see_blur_noise_and_jpeg() -> None:
@@ -87,7 +87,9 @@ def test_frm_annotate_command(blur_pairs, tmp_path: Path) -> None:
     (tmp_path / "gone.png").write_bytes(b"")
     out = tmp_path / "svm.jsonl"
     args = ["frm-annotate", "--human", str(tmp_path / "human.jsonl"), "--candidates", str(tmp_path / "cands.jsonl"), "-o", str(out)]
-    res = CliRunner().invoke(main, [*args, "--kernel", "linear", "--scaling", "minmax", "--min-confidence", "0.6", "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(
+        main, [*args, "--kernel", "linear", "--scaling", "minmax", "--min-confidence", "0.6", "--json", str(tmp_path / "r.json")]
+    )
     assert res.exit_code == 1 and "gone.png:" in res.stderr, res.output  # the empty image is reported, the rest labelled
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["kernel"] == "linear" and report["config"]["scaling"] == "minmax"

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from facerestore_cli.cli import main
-from facerestore_cli.data.annotations import Pair, write_pairs
-from facerestore_cli.rewards.frm import FaceRewardModel
-from facerestore_cli.train.frm import FrmTrainConfig, evaluate_pairs, train_frm
-from facerestore_cli.data.annotations import load_pair_files, split_pairs
 from fakes import TINY_FRM, face_like
 
+from facerestore_cli.cli import main
+from facerestore_cli.data.annotations import Pair, load_pair_files, split_pairs, write_pairs
+from facerestore_cli.rewards.frm import FaceRewardModel
+from facerestore_cli.train.frm import FrmTrainConfig, evaluate_pairs, train_frm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,12 +30,25 @@ def sharp_vs_blurred(tmp_path_factory) -> Path:
         cv2.imwrite(str(root / f"{i}_sharp.png"), face)
         cv2.imwrite(str(root / f"{i}_blur.png"), cv2.GaussianBlur(face, (0, 0), 1.6))
         sharp, blur = root / f"{i}_sharp.png", root / f"{i}_blur.png"
-        pairs.append(Pair(sharp, blur, "a", "auto", "sharp>blurred", str(i)) if i % 2 else Pair(blur, sharp, "b", "auto", "sharp>blurred", str(i)))
+        pairs.append(
+            Pair(sharp, blur, "a", "auto", "sharp>blurred", str(i)) if i % 2 else Pair(blur, sharp, "b", "auto", "sharp>blurred", str(i))
+        )
     return write_pairs(root / "pairs.jsonl", pairs)
 
 
 def write_config(path: Path, pairs: Path, steps: int = 60, **extra) -> Path:
-    top = {"pairs": [str(pairs)], "steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "val_fraction": 0.25, "val_every": 30, "checkpoint_every": 10, "log_every": 5, **extra}
+    top = {
+        "pairs": [str(pairs)],
+        "steps": steps,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "val_fraction": 0.25,
+        "val_every": 30,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        **extra,
+    }
     lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()]
     lines += ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY_FRM.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -55,14 +66,18 @@ def test_train_frm_learns_a_preference_and_reports_validation_accuracy(sharp_vs_
     result = evaluate_pairs(model, val)
     assert len(val) >= 6 and result.accuracy >= 0.9, f"held-out accuracy {result.accuracy:.2f} on {len(val)} pairs"
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_accuracy" in r] == [30, 60] and rows[-1]["val_accuracy"] == pytest.approx(result.accuracy, abs=1e-4)
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [30, 60] and rows[-1]["val_accuracy"] == pytest.approx(
+        result.accuracy, abs=1e-4
+    )
 
 
 def test_train_frm_stops_on_time_and_resumes(sharp_vs_blurred: Path, tmp_path: Path) -> None:
     cfg = FrmTrainConfig.from_file(write_config(tmp_path / "frm.toml", sharp_vs_blurred, steps=20))
     stopped = train_frm(cfg, tmp_path / "run", max_minutes=1e-6)
     assert not stopped.finished and stopped.step == 1 and not (tmp_path / "run" / "final").exists()
-    res = CliRunner().invoke(main, ["train-frm", "--config", str(tmp_path / "frm.toml"), "--out", str(tmp_path / "run"), "--steps", "20", "--device", "cpu"])
+    res = CliRunner().invoke(
+        main, ["train-frm", "--config", str(tmp_path / "frm.toml"), "--out", str(tmp_path / "run"), "--steps", "20", "--device", "cpu"]
+    )
     assert res.exit_code == 0 and "19" in res.stderr and "steps this run" in res.stderr, res.output
     state = torch.load(tmp_path / "run" / "checkpoint" / "training_state.pt", weights_only=False)
     assert state["step"] == 20 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
@@ -78,7 +93,14 @@ def test_bad_rows_and_unreadable_images_are_reported_and_training_goes_on(sharp_
     broken.write_bytes(b"\x89PNG\r\n\x1a\n nope")
     good = json.loads(lines[0])
     bad_file = tmp_path / "pairs.jsonl"
-    rows = [{**json.loads(line), "image_a": str(sharp_vs_blurred.parent / json.loads(line)["image_a"]), "image_b": str(sharp_vs_blurred.parent / json.loads(line)["image_b"])} for line in lines]
+    rows = [
+        {
+            **json.loads(line),
+            "image_a": str(sharp_vs_blurred.parent / json.loads(line)["image_a"]),
+            "image_b": str(sharp_vs_blurred.parent / json.loads(line)["image_b"]),
+        }
+        for line in lines
+    ]
     rows.insert(3, {"image_a": str(broken), "image_b": str(sharp_vs_blurred.parent / good["image_b"]), "preferred": "b", "group": "broken"})
     text = "\n".join(json.dumps(r) for r in rows) + '\n{"image_a": "nowhere.png", "image_b": "x.png", "preferred": "a"}\n'
     bad_file.write_text(text)
@@ -103,9 +125,22 @@ def test_captions_condition_what_is_preferred(tmp_path: Path) -> None:
         bright, dark = tmp_path / f"{i}_bright.png", tmp_path / f"{i}_dark.png"
         cv2.imwrite(str(bright), np.clip(face + 50, 0, 255).astype(np.uint8))
         cv2.imwrite(str(dark), np.clip(face - 50, 0, 255).astype(np.uint8))
-        pairs += [Pair(bright, dark, "a", "human", "", str(i), "a bright photo"), Pair(bright, dark, "b", "human", "", str(i), "a dark photo")]
+        pairs += [
+            Pair(bright, dark, "a", "human", "", str(i), "a bright photo"),
+            Pair(bright, dark, "b", "human", "", str(i), "a dark photo"),
+        ]
     write_pairs(tmp_path / "pairs.jsonl", pairs)
-    cfg = FrmTrainConfig.from_dict({"pairs": [str(tmp_path / "pairs.jsonl")], "steps": 80, "batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "val_fraction": 0.0, "model": {**TINY_FRM, "text": "hash"}})
+    cfg = FrmTrainConfig.from_dict(
+        {
+            "pairs": [str(tmp_path / "pairs.jsonl")],
+            "steps": 80,
+            "batch_size": 16,
+            "lr": 5e-3,
+            "warmup_steps": 5,
+            "val_fraction": 0.0,
+            "model": {**TINY_FRM, "text": "hash"},
+        }
+    )
     train_frm(cfg, tmp_path / "run")
     model = FaceRewardModel.from_pretrained(tmp_path / "run" / "final")
     assert evaluate_pairs(model, pairs).accuracy >= 0.9
@@ -115,14 +150,26 @@ def test_fine_tunes_an_upstream_open_clip_frm_with_locked_towers(tmp_path: Path,
     pytest.importorskip("open_clip", reason='open_clip_torch not installed (pip install -e ".[clip]")')
     from open_clip.model import CLIP
 
-    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    clip_cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
     torch.manual_seed(0)
     clip = CLIP(embed_dim=16, vision_cfg=clip_cfg["vision_cfg"], text_cfg=clip_cfg["text_cfg"])
     torch.save({"state_dict": clip.state_dict()}, tmp_path / "FaceRewardModel.pth")
-    cfg = FrmTrainConfig.from_dict({
-        "pairs": [str(sharp_vs_blurred)], "init": str(tmp_path / "FaceRewardModel.pth"), "clip": clip_cfg, "steps": 3, "batch_size": 4,
-        "unlocked_image_groups": 1, "unlocked_text_layers": 0, "val_fraction": 0.0,
-    })  # fmt: skip
+    cfg = FrmTrainConfig.from_dict(
+        {
+            "pairs": [str(sharp_vs_blurred)],
+            "init": str(tmp_path / "FaceRewardModel.pth"),
+            "clip": clip_cfg,
+            "steps": 3,
+            "batch_size": 4,
+            "unlocked_image_groups": 1,
+            "unlocked_text_layers": 0,
+            "val_fraction": 0.0,
+        }
+    )
     result = train_frm(cfg, tmp_path / "run")
     assert result.finished
     tuned = FaceRewardModel.from_pretrained(tmp_path / "run" / "final")
@@ -141,16 +188,29 @@ def test_frm_eval_reports_accuracy_by_kind_and_the_full_ranking(tmp_path: Path) 
         cv2.imwrite(str(gt), face)
         cv2.imwrite(str(restored), cv2.GaussianBlur(face, (0, 0), 1.0))
         cv2.imwrite(str(degraded), cv2.GaussianBlur(face, (0, 0), 3.0))
-        pairs += [Pair(gt, restored, "a", "auto", "gt>restored", str(i)), Pair(restored, degraded, "a", "auto", "restored>degraded", str(i))]
+        pairs += [
+            Pair(gt, restored, "a", "auto", "gt>restored", str(i)),
+            Pair(restored, degraded, "a", "auto", "restored>degraded", str(i)),
+        ]
     write_pairs(tmp_path / "val.jsonl", pairs)
     torch.manual_seed(0)
-    model = FaceRewardModel.from_pretrained(FaceRewardModel(__import__("facerestore_cli.rewards.frm", fromlist=["FrmConfig"]).FrmConfig(**TINY_FRM)).save_pretrained(tmp_path / "frm"))
+    model = FaceRewardModel.from_pretrained(
+        FaceRewardModel(__import__("facerestore_cli.rewards.frm", fromlist=["FrmConfig"]).FrmConfig(**TINY_FRM)).save_pretrained(
+            tmp_path / "frm"
+        )
+    )
     expected = evaluate_pairs(model, pairs)
-    res = CliRunner().invoke(main, ["frm-eval", str(tmp_path / "val.jsonl"), "--model", str(tmp_path / "frm"), "--json", str(tmp_path / "e.json")])
+    res = CliRunner().invoke(
+        main, ["frm-eval", str(tmp_path / "val.jsonl"), "--model", str(tmp_path / "frm"), "--json", str(tmp_path / "e.json")]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "e.json").read_text())
     assert out["pairs"] == 12 and out["ranking_faces"] == 6 and out["accuracy"] == pytest.approx(expected.accuracy)
-    assert set(out["by_kind"]) == {"gt>restored", "restored>degraded"} and set(out["mean_scores"]) == {"ground truth", "restored", "degraded (full strength)"}
+    assert set(out["by_kind"]) == {"gt>restored", "restored>degraded"} and set(out["mean_scores"]) == {
+        "ground truth",
+        "restored",
+        "degraded (full strength)",
+    }
     assert "ground truth > restored > degraded on" in res.stderr
 
 

@@ -11,9 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from facerestore_cli.cli import main
-from facerestore_cli.faces.face import Face
 from facerestore_cli.faces import build_detector
-from facerestore_cli.faces.face import match_faces
+from facerestore_cli.faces.face import Face, match_faces
 from facerestore_cli.faces.tracking import FaceTracker
 from facerestore_cli.io.images import read_image, resize_image
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import run_torchrun, tiny_restorer
 
 from facerestore_cli.cli import main
+from facerestore_cli.data.crops import CropDataset, prepare_faces, read_manifest
+from facerestore_cli.data.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
 from facerestore_cli.faces import build_detector
 from facerestore_cli.models import OneStepRestorer
-from facerestore_cli.data.crops import AlignedFaces, prepare_faces, read_manifest
-from facerestore_cli.data.degrade import DegradationConfig, Degrader, gaussian_kernels, jpeg
 from facerestore_cli.train.restorer import RestorerTrainConfig, train_restorer
-from fakes import free_port, tiny_restorer
 
 
 def face_batch(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -46,7 +46,9 @@ def test_mild_fraction_draws_gentle_samples_and_keeps_old_sets() -> None:
     plain = sample_params(base, 400, torch.Generator().manual_seed(0))
     again = sample_params(DegradationConfig(**{**base.to_dict(), "mild_share": 0.1}), 400, torch.Generator().manual_seed(0))
     assert torch.equal(plain.sigma_x, again.sigma_x), "mild_fraction 0 must not change a seeded set"
-    mixed = sample_params(DegradationConfig(**{**base.to_dict(), "mild_fraction": 0.5, "mild_share": 0.2}), 400, torch.Generator().manual_seed(0))
+    mixed = sample_params(
+        DegradationConfig(**{**base.to_dict(), "mild_fraction": 0.5, "mild_share": 0.2}), 400, torch.Generator().manual_seed(0)
+    )
     gentle = (mixed.sigma_x <= 2.08) & (mixed.scale <= 2.8) & (mixed.noise <= 2.0) & (mixed.quality >= 86)
     assert 0.4 < gentle.float().mean() < 0.6, "about half the samples must come from the gentle ends"
     assert mixed.sigma_x.max() > 5 and mixed.quality.min() < 60, "the rest still cover the whole range"
@@ -90,12 +92,21 @@ def test_prepare_faces_writes_aligned_crops_and_manifest(prepared: Path) -> None
     for r in rows:
         assert cv2.imread(str(prepared / r.file)).shape == (128, 128, 3)
         assert r.eye_distance > 10 and r.sharpness > 0
-    patches = AlignedFaces([prepared], patch_size=64)
+    patches = CropDataset([prepared], patch_size=64)
     assert patches[0].shape == (3, 64, 64) and 0 <= float(patches[0].min()) <= float(patches[0].max()) <= 1
 
 
 def tiny_run_config(data: Path, steps: int, **changes) -> RestorerTrainConfig:
-    raw = {"data": [str(data)], "steps": steps, "batch_size": 2, "patch_size": 64, "num_workers": 0, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1}
+    raw = {
+        "data": [str(data)],
+        "steps": steps,
+        "batch_size": 2,
+        "patch_size": 64,
+        "num_workers": 0,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "warmup_steps": 1,
+    }
     return RestorerTrainConfig.from_dict(raw | changes)
 
 
@@ -149,10 +160,10 @@ def test_skip_fusion_stage_trains_decoder_and_fusion_only(prepared: Path, tmp_pa
 def test_training_on_shrunk_faces_records_the_working_size(prepared: Path, tmp_path: Path) -> None:
     """`scales` below 1 show the model smaller faces and record that size in its config, which
     is what lets `restore --face-size auto` use it; sizes the model cannot take are refused."""
-    patches = AlignedFaces([prepared], patch_size=32, scales=[0.5])
+    patches = CropDataset([prepared], patch_size=32, scales=[0.5])
     assert patches[0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="smaller than patch_size"):
-        AlignedFaces([prepared], patch_size=96, scales=[0.5])[0]
+        CropDataset([prepared], patch_size=96, scales=[0.5])[0]
     assert train_restorer(tiny_run_config(prepared, 1, scales=[1.0, 0.5]), tmp_path / "run")["finished"]
     assert OneStepRestorer.from_pretrained(tmp_path / "run" / "final").config.face_sizes == [256, 512]
     for bad in ([], [0.0], [1.5]):
@@ -169,7 +180,9 @@ def test_gate_penalty_trains_the_output_gate_and_needs_one(prepared: Path, tmp_p
     base, frozen = str(tmp_path / "base" / "final"), ["vae.encoder", "vae.quant_conv", "unet", "prompt_embeds"]
     with pytest.raises(ValueError, match="output gate"):
         train_restorer(tiny_run_config(prepared, 1, model=base, skip_levels=[1], losses={"gate": 0.1}), tmp_path / "no_gate")
-    gated = train_restorer(tiny_run_config(prepared, 2, model=base, skip_levels=[1, 4], freeze=frozen, losses={"gate": 0.1}), tmp_path / "gate")
+    gated = train_restorer(
+        tiny_run_config(prepared, 2, model=base, skip_levels=[1, 4], freeze=frozen, losses={"gate": 0.1}), tmp_path / "gate"
+    )
     assert gated["finished"] and gated["last_losses"]["gate"] >= 0
     end = OneStepRestorer.from_pretrained(tmp_path / "gate" / "final", torch_dtype=torch.float32)
     assert end.config.skip_levels == [1, 4] and end.skip_fusion.output_gate.body[-1].weight.abs().sum() > 0
@@ -189,7 +202,9 @@ def test_restorer_losses_can_score_what_restore_delivers() -> None:
         restored = model.restore_one_step(lq)[1]
         expected = (color_fix_unclamped(restored, lq, "wavelet:2") - hq).abs().mean()
         assert fixed(lq, hq)["restore_l1"] == pytest.approx(expected.item(), rel=1e-5)
-        assert fixed(lq, hq)["restore_l1"] < raw(lq, hq)["restore_l1"], "an untrained decoder's colours are far off; the fix takes the input's"
+        assert fixed(lq, hq)["restore_l1"] < raw(lq, hq)["restore_l1"], (
+            "an untrained decoder's colours are far off; the fix takes the input's"
+        )
     for bad in ({"color_fix": "sepia"}, {"stage": "prior", "color_fix": "wavelet:3"}):
         with pytest.raises(ValueError, match="color"):
             RestorerTrainConfig.from_dict(bad)
@@ -197,7 +212,7 @@ def test_restorer_losses_can_score_what_restore_delivers() -> None:
 
 def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('steps = 3\nlearning_rate = 0.1\n')
+    cfg.write_text("steps = 3\nlearning_rate = 0.1\n")
     result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "learning_rate" in result.output
 
@@ -205,7 +220,9 @@ def test_train_config_rejects_unknown_keys(tmp_path: Path) -> None:
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("train_tiny*.toml")) + sorted(CONFIGS.glob("experiments/tiny_*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("train_tiny*.toml")) + sorted(CONFIGS.glob("experiments/tiny_*.toml")), ids=lambda p: p.name
+)
 def test_shipped_training_configs_parse(path: Path) -> None:
     cfg = RestorerTrainConfig.from_file(path)
     assert cfg.stage in ("autoencoder", "prior", "restorer") and cfg.steps > 0
@@ -217,7 +234,13 @@ def test_prior_then_restorer_with_vsd_perceptual_and_lora_resumes(prepared: Path
     prior = train_restorer(prior_cfg, tmp_path / "prior")
     assert prior["finished"] and set(prior["last_losses"]) == {"diffusion", "total"}
     start = OneStepRestorer.from_pretrained(tmp_path / "prior" / "final", torch_dtype=torch.float32)
-    changes = dict(model=str(tmp_path / "prior" / "final"), freeze=["vae.decoder", "vae.post_quant_conv"], timestep=250, lora_rank=2, losses={"perceptual": 0.1, "vsd": 1.0})
+    changes = dict(
+        model=str(tmp_path / "prior" / "final"),
+        freeze=["vae.decoder", "vae.post_quant_conv"],
+        timestep=250,
+        lora_rank=2,
+        losses={"perceptual": 0.1, "vsd": 1.0},
+    )
     first = train_restorer(tiny_run_config(prepared, 2, **changes), tmp_path / "r")
     assert (tmp_path / "r" / "checkpoint" / "model" / "lora.safetensors").is_file(), "a LoRA run checkpoints its adapters"
     more = train_restorer(tiny_run_config(prepared, 3, **changes), tmp_path / "r")
@@ -237,16 +260,7 @@ def test_bf16_mixed_precision_trains(prepared: Path, tmp_path: Path) -> None:
 
 def test_two_process_training_through_torchrun(prepared: Path, tmp_path: Path) -> None:
     """accelerate shards the batches over processes (here 2 CPU processes with gloo, as on 2 GPUs)."""
-    import subprocess
-    import sys
-
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(tiny_run_config(prepared, 2, timestep=250).to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "facerestore_cli.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-8000:]  # the failing rank's traceback comes before the launcher's summary
-    assert done.stdout.count("final model:") + done.stderr.count("final model:") == 1, "only the main process reports"
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    printed, rows = run_torchrun("train", tiny_run_config(prepared, 2, timestep=250), tmp_path / "run")
+    assert printed.count("final model:") == 1, "only the main process reports"
     assert [r["step"] for r in rows] == [1, 2], "one log line per step, from the main process only"
     assert OneStepRestorer.from_pretrained(tmp_path / "run" / "final").config.timestep == 250

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from facerestore_cli.commands.ui import color_fix_option, fail, progress_bar
+from facerestore_cli.commands.ui import color_fix_option, device_option, fail, progress_bar, user_errors
 
 
 def _ranked(result, method: str, metric: str) -> bool:
@@ -44,22 +44,66 @@ def _metric_table(result) -> Table:
 
 @click.command("eval")
 @click.option("--pairs", type=click.Path(path_type=Path), default=None, help="Pair folder with lq/ and hq/ (from `facerestore degrade`).")
-@click.option("--lq", "lq_dirs", multiple=True, type=click.Path(path_type=Path), help="Folder of LQ aligned crops without ground truth, searched recursively; repeat to pool several in one table.")
-@click.option("--input-reference", is_flag=True, help="Also score identity metrics against the degraded input (as identity@input): for --lq sets without ground truth.")
-@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Restorer folder; repeat to compare several [default: bundled weights/restorer-tiny].")
+@click.option(
+    "--lq",
+    "lq_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Folder of LQ aligned crops without ground truth, searched recursively; repeat to pool several in one table.",
+)
+@click.option(
+    "--input-reference",
+    is_flag=True,
+    help="Also score identity metrics against the degraded input (as identity@input): for --lq sets without ground truth.",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Restorer folder; repeat to compare several [default: bundled weights/restorer-tiny].",
+)
 @click.option("--baselines-only", is_flag=True, help="Score only the baselines (input, bicubic_unsharp).")
 @click.option("--metrics", default="all", show_default=True, help="Comma-separated metric names (see --list-metrics).")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG grid: input | baseline | restored | ground truth.")
+@click.option(
+    "--grid",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG grid: input | baseline | restored | ground truth.",
+)
 @click.option("--grid-rows", type=click.IntRange(1), default=6, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the table, reasons and per-image scores as JSON.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the table, reasons and per-image scores as JSON.",
+)
+@device_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
 @color_fix_option("Colour fix after the restorer (as `restore` applies it).")
 @click.option("--size", type=click.IntRange(16), default=None, help="Restore and score at SIZE x SIZE [default: the ground truth's size].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--list-metrics", is_flag=True, help="List every metric, whether it can run here and why not, then exit.")
-def evaluate_cmd(pairs, lq_dirs, input_reference, models, baselines_only, metrics, grid, grid_rows, json_path, device, precision, batch_size, color_fix, size, limit, list_metrics) -> None:
+def evaluate_cmd(
+    pairs,
+    lq_dirs,
+    input_reference,
+    models,
+    baselines_only,
+    metrics,
+    grid,
+    grid_rows,
+    json_path,
+    device,
+    precision,
+    batch_size,
+    color_fix,
+    size,
+    limit,
+    list_metrics,
+) -> None:
     """Restore degraded faces with each --model and baselines, and score them with quality metrics.
 
     With --pairs every metric runs against the ground truth. With --lq (real photos, no ground
@@ -88,10 +132,15 @@ def evaluate_cmd(pairs, lq_dirs, input_reference, models, baselines_only, metric
             table.add_column(col)
         for n in names():
             i = metric_info(n)
-            table.add_row(i.name, i.kind, "lower" if i.lower_better else "higher", "yes" if i.available else f"no: {i.unavailable_reason}", i.description)
+            table.add_row(
+                i.name,
+                i.kind,
+                "lower" if i.lower_better else "higher",
+                "yes" if i.available else f"no: {i.unavailable_reason}",
+                i.description,
+            )
         out.print(table)
         return
-    from facerestore_cli.data.testsets import EvalInputError
     from facerestore_cli.devices import resolve_device, resolve_dtype
     from facerestore_cli.evaluate import evaluate
     from facerestore_cli.models.loading import DEFAULT_MODEL
@@ -101,23 +150,37 @@ def evaluate_cmd(pairs, lq_dirs, input_reference, models, baselines_only, metric
     if baselines_only and models:
         fail("--baselines-only and --model exclude each other")
     wanted = None if metrics.strip().lower() == "all" else [m for m in metrics.split(",") if m.strip()]
-    try:
+    with user_errors():
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
         chosen = [] if baselines_only else list(models) or [DEFAULT_MODEL]
         with progress_bar() as progress:
             task = progress.add_task("evaluating", total=None)
             result = evaluate(
-                pairs=pairs, lq=list(lq_dirs) or None, models=chosen, metrics=wanted, device=dev, dtype=dtype, batch_size=batch_size, color_fix=color_fix, size=size,
-                grid=grid, grid_rows=grid_rows, limit=limit, input_reference=input_reference,
-                on_start=lambda n: progress.update(task, total=n), on_batch=lambda n: progress.advance(task, n),
-            )  # fmt: skip
-    except (EvalInputError, ValueError) as err:
-        fail(str(err))
+                pairs=pairs,
+                lq=list(lq_dirs) or None,
+                models=chosen,
+                metrics=wanted,
+                device=dev,
+                dtype=dtype,
+                batch_size=batch_size,
+                color_fix=color_fix,
+                size=size,
+                grid=grid,
+                grid_rows=grid_rows,
+                limit=limit,
+                input_reference=input_reference,
+                on_start=lambda n: progress.update(task, total=n),
+                on_batch=lambda n: progress.advance(task, n),
+            )
     out.print(_metric_table(result))
     at_input = [m for m, ref in result.reference.items() if ref == "input"]
     if at_input:
-        out.print(f"{', '.join(at_input)}: against the degraded input, not ground truth; (input) is that image itself, perfect by construction", highlight=False, soft_wrap=True)
+        out.print(
+            f"{', '.join(at_input)}: against the degraded input, not ground truth; (input) is that image itself, perfect by construction",
+            highlight=False,
+            soft_wrap=True,
+        )
     for m in result.metrics:
         if any(result.counts[k].get(m.name, 1) == 0 for k in result.methods):
             out.print(f"n/a: {m.name} could not be computed for those images ({m.description})", highlight=False, soft_wrap=True)

@@ -7,20 +7,55 @@ from pathlib import Path
 
 import click
 
-from facerestore_cli.commands.ui import console, fail
+from facerestore_cli.commands.ui import console, device_option, user_errors
 
 
 @click.command("export")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].")
-@click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="LoRA adapter (.safetensors), merged into the exported weights.")
-@click.option("--osediff", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True, help="onnx: one graph for onnxruntime (any machine); tensorrt: an fp16 engine for this GPU.")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Engine file to write (.onnx / .engine); its sidecar goes to OUTPUT.json.")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].",
+)
+@click.option(
+    "--lora",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="LoRA adapter (.safetensors), merged into the exported weights.",
+)
+@click.option(
+    "--osediff",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "tensorrt"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: one graph for onnxruntime (any machine); tensorrt: an fp16 engine for this GPU.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Engine file to write (.onnx / .engine); its sidecar goes to OUTPUT.json.",
+)
 @click.option("--face-size", type=click.IntRange(16), default=None, help="Face crop size the engine takes [default: the model's, 512].")
 @click.option("--opset", type=click.IntRange(14), default=17, show_default=True, help="ONNX opset (--format onnx).")
 @click.option("--fp16", is_flag=True, help="--format onnx: fp16 weights and compute (float32 in and out), for CUDA.")
-@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="--format tensorrt: most faces per call (restore's --batch-size).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to trace the model (and build TensorRT engines: cuda).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="--format tensorrt: most faces per call (restore's --batch-size).",
+)
+@device_option("Where to trace the model (and build TensorRT engines: cuda).")
 def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch, device) -> None:
     """Export the restorer (VAE encoder, UNet step(s), VAE decoder; LoRA merged) as one engine.
 
@@ -34,20 +69,26 @@ def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch
     from facerestore_cli.export.engines import make_onnx, make_tensorrt
     from facerestore_cli.export.source import ModelSource
     from facerestore_cli.models.loading import DEFAULT_MODEL
+
     source = ModelSource(model or DEFAULT_MODEL, lora, osediff)
-    try:
+    with user_errors():
         dev = resolve_device(device)
         with console.status(f"exporting {source.model} to {fmt}"):
             if fmt == "onnx":
                 meta = make_onnx(source, out, face_size, fp16, opset, dev)
             else:
                 meta = make_tensorrt(source, out, face_size, max_batch, dev)
-    except (FileNotFoundError, ValueError) as err:  # EngineError and LoraMismatchError are ValueErrors
-        fail(str(err))
     size_mb = out.stat().st_size / 2**20
     console.print(
         f"{fmt} engine: {out} ({size_mb:.1f} MiB), {meta.face_size} px, {meta.sampling_steps} UNet step(s), "
         f"model {meta.config_name} (fingerprint {meta.model_fingerprint}); sidecar {out.name}.json",
-        highlight=False, soft_wrap=True, markup=False,
-    )  # fmt: skip
-    console.print(f"use it with: facerestore restore ... --backend {fmt} --engine {out} (and the same --model/--lora)", highlight=False, soft_wrap=True, markup=False)
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
+    console.print(
+        f"use it with: facerestore restore ... --backend {fmt} --engine {out} (and the same --model/--lora)",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )

@@ -7,18 +7,21 @@ import click
 
 from facerestore_cli.commands.ui import (
     config_and_data_options,
-    fail,
     load_run_config,
     print_run_end,
     print_run_summary,
     progress_bar,
     run_device,
     secondary_process,
+    user_errors,
 )
 
 
 @click.command("lrpo")
-@config_and_data_options("LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.", "Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.")
+@config_and_data_options(
+    "LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.",
+    "Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.",
+)
 def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, composite reward,
     PPO with noise-level advantages, and a ground-truth likelihood term.
@@ -28,9 +31,8 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
       facerestore lrpo --config configs/lrpo_tiny.toml --data data/train_faces --out runs/lrpo
       facerestore restore photos/ -o out/ --lora runs/lrpo/lora.safetensors
     """
-    from facerestore_cli.metrics import MetricUnavailable
-    from facerestore_cli.rewards.backbones import BackboneError
     from facerestore_cli.train.lrpo import LrpoConfig, train_lrpo
+
     cfg = load_run_config(LrpoConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     dev = run_device(device)
     if secondary_process():
@@ -45,12 +47,9 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
         def on_step(step: int, terms: dict[str, float]) -> None:
             progress.update(task, completed=step, description=f"lrpo reward {terms['reward_total']:+.4f} policy {terms['policy']:+.5f}")
 
-        try:
+        with user_errors():
             result = train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)
-        except (FileNotFoundError, BackboneError, MetricUnavailable, ValueError) as err:
-            progress.stop()
-            fail(str(err))
-    print_run_summary("lrpo summary", result)
+    print_run_summary("lrpo summary", result.summary())
     mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
     done = [f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
-    print_run_end(result["finished"], result["step"], done)
+    print_run_end(result.finished, result.step, done)

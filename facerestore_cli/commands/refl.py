@@ -7,17 +7,20 @@ import click
 
 from facerestore_cli.commands.ui import (
     config_and_data_options,
-    fail,
     load_run_config,
     print_run_end,
     print_run_summary,
     progress_bar,
     run_device,
+    secondary_process,
+    user_errors,
 )
 
 
 @click.command("refl")
-@config_and_data_options("ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.", "Run folder: checkpoints, log.jsonl, lora.safetensors, final model.")
+@config_and_data_options(
+    "ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.", "Run folder: checkpoints, log.jsonl, lora.safetensors, final model."
+)
 def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
     """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
 
@@ -26,10 +29,13 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
       facerestore refl --config configs/refl_tiny.toml --data data/train_faces --out runs/refl
       facerestore restore photos/ -o out/ --lora runs/refl/lora.safetensors
     """
-    from facerestore_cli.rewards.backbones import BackboneError
     from facerestore_cli.train.refl import ReflConfig, train_refl
+
     cfg = load_run_config(ReflConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     dev = run_device(device)
+    if secondary_process():
+        train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
+        return
     with progress_bar() as progress:
         task = progress.add_task("refl", total=cfg.steps)
 
@@ -39,13 +45,10 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
                 desc += f" frm acc {terms['frm_accuracy']:.2f}"
             progress.update(task, completed=step, description=desc)
 
-        try:
+        with user_errors():
             result = train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
-        except (FileNotFoundError, BackboneError, ValueError) as err:
-            progress.stop()
-            fail(str(err))
-    print_run_summary("refl summary", result)
+    print_run_summary("refl summary", result.summary())
     done = [f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
-    if result["frm"] == "dynamic":
+    if result.extra["frm"] == "dynamic":
         done.append(f"updated FRM: {run_dir / 'frm_final'}")
-    print_run_end(result["finished"], result["step"], done)
+    print_run_end(result.finished, result.step, done)

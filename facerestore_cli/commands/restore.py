@@ -17,9 +17,10 @@ from facerestore_cli.commands.ui import (
     checked,
     color_fix_option,
     console,
-    fail,
+    device_option,
     print_run_summary,
     progress_bar,
+    user_errors,
 )
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
 from facerestore_cli.restore.frames import FRAME_PATHS
@@ -58,29 +59,58 @@ class RichReporter:
 
 def print_summary(summary) -> None:
     """The end-of-run table of `restore`."""
-    print_run_summary("facerestore summary", {
-        "files": summary.files,
-        "images / videos (frames)": f"{summary.images} / {summary.videos} ({summary.frames})",
-        "faces found": summary.faces_found,
-        "faces restored": summary.faces_restored,
-        "files without faces": summary.files_without_faces,
-        "skipped (existing)": summary.skipped,
-        "failures": len(summary.failures),
-        "time": f"{summary.seconds:.1f} s",
-        "faces per second": f"{summary.faces_per_s:.2f}",
-    })  # fmt: skip
+    print_run_summary(
+        "facerestore summary",
+        {
+            "files": summary.files,
+            "images / videos (frames)": f"{summary.images} / {summary.videos} ({summary.frames})",
+            "faces found": summary.faces_found,
+            "faces restored": summary.faces_restored,
+            "files without faces": summary.files_without_faces,
+            "skipped (existing)": summary.skipped,
+            "failures": len(summary.failures),
+            "time": f"{summary.seconds:.1f} s",
+            "faces per second": f"{summary.faces_per_s:.2f}",
+        },
+    )
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Output folder (input folder structure is kept).")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].")
-@click.option("--osediff", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.")
-@click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Output folder (input folder structure is kept)."
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].",
+)
+@click.option(
+    "--osediff",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.",
+)
+@click.option(
+    "--lora",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.",
+)
+@device_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="fp16 needs CUDA.")
-@click.option("--batch-size", default="auto", show_default=True, metavar="auto|N", callback=checked(parse_batch_size), help="Faces restored per model call; also how many photos are read and restored together (their faces share batches). auto: on a CPU 1 at 512 px, 4 at 256 (what measured fastest on 2 cores), on a GPU 4.")
-@color_fix_option("Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain).")
+@click.option(
+    "--batch-size",
+    default="auto",
+    show_default=True,
+    metavar="auto|N",
+    callback=checked(parse_batch_size),
+    help="Faces restored per model call; also how many photos are read and restored together (their faces share batches). auto: on a CPU 1 at 512 px, 4 at 256 (what measured fastest on 2 cores), on a GPU 4.",
+)
+@color_fix_option(
+    "Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain)."
+)
 @click.option("--upscale", type=click.FloatRange(1, 8), default=1.0, show_default=True, help="Scale the whole image by this factor.")
 @click.option("--only-center-face", is_flag=True, help="Restore only the face nearest the image centre.")
 @click.option("--aligned", is_flag=True, help="Inputs are already aligned face crops (FFHQ layout).")
@@ -90,13 +120,75 @@ def print_summary(summary) -> None:
 @click.option("--detector", type=click.Choice(["mtcnn", "retinaface"]), default="mtcnn", show_default=True)
 @click.option("--det-threshold", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="Face detector confidence threshold.")
 @click.option("--min-face-size", type=click.IntRange(8), default=20, show_default=True, help="Smallest face (pixels) to detect.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True, help="Run the restorer in torch, onnxruntime, or TensorRT (fp16, CUDA); the colour fix is the same.")
-@click.option("--engine", "engine_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.")
-@click.option("--frame-path", type=click.Choice(FRAME_PATHS), default="auto", show_default=True, help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.")
-@click.option("--face-size", default="auto", show_default=True, metavar="auto|PIXELS", callback=checked(parse_face_size), help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is up to about 3x faster on a CPU (less for video, where detection then takes most of the time), as close to the ground truth on faces that small, but keeping identity less well on mildly degraded ones (benchmarks/RESULTS.md).")
-@click.option("--detect-every", type=click.IntRange(1), default=DEFAULT_DETECT_EVERY, show_default=True, metavar="FRAMES", help="Videos: search the whole frame for faces every FRAMES frames and follow the faces found in between (several times less detection time on a CPU); a face coming into the picture is restored at most FRAMES frames late. 1: search every frame.")
-def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size, color_fix, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detector, det_threshold, min_face_size, backend, engine_path, compile_model, frame_path, face_size, detect_every) -> None:
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx", "tensorrt"]),
+    default="torch",
+    show_default=True,
+    help="Run the restorer in torch, onnxruntime, or TensorRT (fp16, CUDA); the colour fix is the same.",
+)
+@click.option(
+    "--engine",
+    "engine_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Engine from `facerestore export` for --backend onnx/tensorrt, checked against --model/--lora [default: made once and cached in ~/.cache/facerestore].",
+)
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="torch.compile the UNet and VAE (channels_last on CUDA): slow first batch, faster after; falls back to eager if compiling fails.",
+)
+@click.option(
+    "--frame-path",
+    type=click.Choice(FRAME_PATHS),
+    default="auto",
+    show_default=True,
+    help="Where whole frames are warped, restored and pasted back: tensor keeps each chunk of frames on the model's device (no copies of faces to the host), numpy uses OpenCV on the CPU; auto is tensor on CUDA, numpy otherwise. Both give the same frames within a grey level or two.",
+)
+@click.option(
+    "--face-size",
+    default="auto",
+    show_default=True,
+    metavar="auto|PIXELS",
+    callback=checked(parse_face_size),
+    help="Crop size faces are restored at. auto: the model's own (512), and for a face no bigger than a smaller size the model was trained for (training `scales`), that size. A number: every face at that size; 256 is up to about 3x faster on a CPU (less for video, where detection then takes most of the time), as close to the ground truth on faces that small, but keeping identity less well on mildly degraded ones (benchmarks/RESULTS.md).",
+)
+@click.option(
+    "--detect-every",
+    type=click.IntRange(1),
+    default=DEFAULT_DETECT_EVERY,
+    show_default=True,
+    metavar="FRAMES",
+    help="Videos: search the whole frame for faces every FRAMES frames and follow the faces found in between (several times less detection time on a CPU); a face coming into the picture is restored at most FRAMES frames late. 1: search every frame.",
+)
+def restore(
+    inputs,
+    outdir,
+    model,
+    osediff,
+    lora,
+    device,
+    precision,
+    batch_size,
+    color_fix,
+    upscale,
+    only_center_face,
+    aligned,
+    save_faces,
+    compare,
+    skip_existing,
+    detector,
+    det_threshold,
+    min_face_size,
+    backend,
+    engine_path,
+    compile_model,
+    frame_path,
+    face_size,
+    detect_every,
+) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
     Under torchrun (WORLD_SIZE > 1) each process restores every WORLD_SIZE-th input on its own
@@ -107,14 +199,13 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
       facerestore restore old_photos/ family.mp4 -o restored/
       torchrun --nproc_per_node 4 -m facerestore_cli.cli restore frames/ -o restored/ --skip-existing
     """
-    from facerestore_cli.faces.face import DetectorUnavailable
     from facerestore_cli.restore.face_restorer import build_face_restorer
     from facerestore_cli.restore.loop import restore_shard
     from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice, RestoreOptions
     from facerestore_cli.restore.report import ErrorsOnlyReporter
     from facerestore_cli.restore.shards import Shard, join_shards
 
-    try:
+    with user_errors():
         shard = Shard.from_env()
         join_shards(shard)
         who = f"(rank {shard.rank}) " if shard.distributed else ""
@@ -123,15 +214,21 @@ def restore(inputs, outdir, model, osediff, lora, device, precision, batch_size,
             console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
 
         face_restorer = build_face_restorer(
-            ModelChoice(model=model, lora=lora, osediff=osediff, backend=backend, engine_file=engine_path, precision=precision, compile=compile_model),
+            ModelChoice(
+                model=model,
+                lora=lora,
+                osediff=osediff,
+                backend=backend,
+                engine_file=engine_path,
+                precision=precision,
+                compile=compile_model,
+            ),
             DetectionSettings(detector=detector, threshold=det_threshold, min_face_size=min_face_size),
             FaceSettings(batch_size=batch_size, color_fix=color_fix, frame_path=frame_path, face_size=face_size),
             device=device,
             warn=warn,
             shard=shard,
         )
-    except (DetectorUnavailable, FileNotFoundError, ValueError) as err:
-        fail(str(err))
     lead = shard.rank == 0
     if backend != "torch" and lead:
         console.print(f"backend: {face_restorer.model.describe()}", highlight=False, soft_wrap=True, markup=False)

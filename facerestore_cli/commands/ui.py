@@ -48,13 +48,13 @@ def device_option(help: str | None = None) -> Callable:
 
 
 def checked(parse: Callable[[str], object], keep_text: bool = False) -> Callable[[click.Context, click.Parameter, str], object]:
-    """A click callback from a parser whose ValueError gives the one-line reason: the parsed
-    value, or the text itself (`keep_text`) once the parser accepts it."""
+    """A click callback from a parser whose `FacerestoreError` gives the one-line reason: the
+    parsed value, or the text itself (`keep_text`) once the parser accepts it."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: str) -> object:
         try:
             parsed = parse(value)
-        except ValueError as e:
+        except FacerestoreError as e:
             raise click.BadParameter(str(e)) from None
         return value if keep_text else parsed
 
@@ -63,7 +63,14 @@ def checked(parse: Callable[[str], object], keep_text: bool = False) -> Callable
 
 def color_fix_option(help: str):
     """--color-fix, as `restore` and `eval` share it: wavelet[:N], adain or none."""
-    return click.option("--color-fix", default=DEFAULT_COLOR_FIX, show_default=True, metavar="wavelet[:N]|adain|none", callback=checked(parse_color_fix, keep_text=True), help=help)
+    return click.option(
+        "--color-fix",
+        default=DEFAULT_COLOR_FIX,
+        show_default=True,
+        metavar="wavelet[:N]|adain|none",
+        callback=checked(parse_color_fix, keep_text=True),
+        help=help,
+    )
 
 
 def progress_bar() -> Progress:
@@ -89,7 +96,9 @@ def run_options(out_help: str) -> Callable:
         click.option("--steps", type=click.IntRange(1), default=None, help="Total steps (override the config)."),
         device_option(),
         click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/checkpoint when present."),
-        click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long; run again to resume."),
+        click.option(
+            "--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this long; run again to resume."
+        ),
     ]
 
     def decorate(f: Callable) -> Callable:
@@ -103,8 +112,15 @@ def run_options(out_help: str) -> Callable:
 def config_and_data_options(config_help: str, out_help: str) -> Callable:
     """--config FILE, the run options and --data FOLDER...: the command line of every run
     command that trains on prepared crops (`train`, `refl`, `lrpo`)."""
-    config = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help=config_help)
-    data = click.option("--data", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared crop folders (override the config).")
+    config = click.option(
+        "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help=config_help
+    )
+    data = click.option(
+        "--data",
+        multiple=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Prepared crop folders (override the config).",
+    )
     return lambda f: config(run_options(out_help)(data(f)))
 
 
@@ -136,10 +152,8 @@ def load_run_config(cls: type, path: Path, steps: int | None, inputs_field: str,
     A bad file or a run with nothing to train on ends the command with a one-line error.
     """
 
-    try:
+    with user_errors(f"{path}: "):
         cfg = cls.from_file(path)
-    except (ValueError, TypeError) as err:
-        fail(f"{path}: {err}")
     if inputs:
         setattr(cfg, inputs_field, [str(p) for p in inputs])
     if steps:

@@ -67,7 +67,12 @@ class Pair:
                 return str(p)
             return Path(os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())).as_posix()
 
-        row: dict[str, Any] = {"image_a": rel(self.image_a), "image_b": rel(self.image_b), "preferred": self.preferred, "source": self.source}
+        row: dict[str, Any] = {
+            "image_a": rel(self.image_a),
+            "image_b": rel(self.image_b),
+            "preferred": self.preferred,
+            "source": self.source,
+        }
         for k in ("kind", "group", "caption", "annotator"):
             if getattr(self, k):
                 row[k] = getattr(self, k)

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,8 @@ from facerestore_cli.data.degrade import (
 from facerestore_cli.data.testsets import EvalInputError, image_seed, source_images
 from facerestore_cli.errors import InputError
 from facerestore_cli.io.files import MediaError
-from facerestore_cli.io.images import read_image
+from facerestore_cli.io.images import read_image, write_png
+from facerestore_cli.io.tensors import to_images, to_tensor01
 from facerestore_cli.rewards.frm import resize_for_model
 
 REFERENCE_SIZE = 512
@@ -117,20 +117,6 @@ def degrade_at(hq: torch.Tensor, p: DegradationParams, kernel_size: int, gen: to
     return torch.cat(out).clamp(0, 1)
 
 
-def _tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
-
-
-def _uint8(x: torch.Tensor) -> list[np.ndarray]:
-    return list(x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy())
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"could not write {path}")
-
-
 # ------------------------------------------------------------------ one face
 @dataclass
 class _Face:
@@ -153,13 +139,18 @@ class AutoPairWriter:
 
     def _store(self, sub: str, name: str, x: torch.Tensor) -> Path:
         path = self.out / "images" / sub / f"{name}.png"
-        _write_png(path, _uint8(resize_for_model(x, self.cfg.size))[0])
+        write_png(path, to_images(resize_for_model(x, self.cfg.size))[0])
         return path
 
     def _levels(self, face: _Face, params: DegradationParams) -> torch.Tensor:
-        work = resize_for_model(_tensor(face.hq), self.cfg.work_size)
+        work = resize_for_model(to_tensor01([face.hq]), self.cfg.work_size)
         gen = torch.Generator().manual_seed(face.seed)
-        return degrade_at(work.expand(len(self.cfg.levels), -1, -1, -1), graded_params(params, self.cfg.levels, self.cfg.degradation), self.cfg.degradation.blur_kernel_size, gen)
+        return degrade_at(
+            work.expand(len(self.cfg.levels), -1, -1, -1),
+            graded_params(params, self.cfg.levels, self.cfg.degradation),
+            self.cfg.degradation.blur_kernel_size,
+            gen,
+        )
 
     def write(self, faces: Sequence[_Face], restore: Sequence[bool]) -> tuple[list[Pair], list[Pair]]:
         pairs: list[Pair] = []
@@ -171,9 +162,11 @@ class AutoPairWriter:
             gen = torch.Generator().manual_seed(face.seed)
             drawn[face.name] = sample_params(cfg.degradation, 1, gen)
             if do_restore:
-                hq512 = resize_for_model(_tensor(face.hq), REFERENCE_SIZE)
+                hq512 = resize_for_model(to_tensor01([face.hq]), REFERENCE_SIZE)
                 strong = graded_params(drawn[face.name], [cfg.levels[-1]], cfg.degradation)
-                full512[face.name] = degrade_at(hq512, strong, cfg.degradation.blur_kernel_size, torch.Generator().manual_seed(face.seed + 1))
+                full512[face.name] = degrade_at(
+                    hq512, strong, cfg.degradation.blur_kernel_size, torch.Generator().manual_seed(face.seed + 1)
+                )
         restored = self._restore(full512)
         for face in faces:
             p, c = self._face_pairs(face, drawn[face.name], full512.get(face.name), restored.get(face.name))
@@ -187,20 +180,24 @@ class AutoPairWriter:
         from facerestore_cli.models.inference import restore_crops
 
         names = list(lq)
-        crops = [_uint8(lq[n])[0] for n in names]
+        crops = [to_images(lq[n])[0] for n in names]
         out = restore_crops(self.restorer, crops, batch_size=self.cfg.restore_batch)
-        return {n: _tensor(o) for n, o in zip(names, out)}
+        return {n: to_tensor01([o]) for n, o in zip(names, out)}
 
-    def _face_pairs(self, face: _Face, params: DegradationParams, full512: torch.Tensor | None, restored: torch.Tensor | None) -> tuple[list[Pair], list[Pair]]:
+    def _face_pairs(
+        self, face: _Face, params: DegradationParams, full512: torch.Tensor | None, restored: torch.Tensor | None
+    ) -> tuple[list[Pair], list[Pair]]:
         cfg, name = self.cfg, face.name
-        gt = self._store("gt", name, _tensor(face.hq))
+        gt = self._store("gt", name, to_tensor01([face.hq]))
         levels = self._levels(face, params)
         paths = []
         for i, s in enumerate(cfg.levels):
             x = full512 if (full512 is not None and i == len(cfg.levels) - 1) else levels[i : i + 1]
             paths.append(self._store(_level_dir(s), name, x))
         pairs = [Pair(gt, d, "a", "auto", "gt>degraded", name) for d in paths]
-        pairs += [Pair(paths[i], paths[j], "a", "auto", "milder>stronger", name) for i in range(len(paths)) for j in range(i + 1, len(paths))]
+        pairs += [
+            Pair(paths[i], paths[j], "a", "auto", "milder>stronger", name) for i in range(len(paths)) for j in range(i + 1, len(paths))
+        ]
         cands = []
         if restored is not None:
             r = self._store("restored", name, restored)
@@ -217,7 +214,7 @@ class AutoPairWriter:
         mid = len(cfg.levels) // 2
         gen = torch.Generator().manual_seed(face.seed + 2)
         alt = graded_params(sample_params(cfg.degradation, 1, gen), [cfg.levels[mid]], cfg.degradation)
-        work = resize_for_model(_tensor(face.hq), cfg.work_size)
+        work = resize_for_model(to_tensor01([face.hq]), cfg.work_size)
         x = degrade_at(work, alt, cfg.degradation.blur_kernel_size, gen)
         return Pair(paths[mid], self._store("alternative", face.name, x), None, "auto", "level-vs-alternative", face.name)
 

@@ -134,15 +134,21 @@ def read_manifest(folder: Path) -> list[CropRecord]:
         return [CropRecord(**json.loads(line)) for line in f if line.strip()]
 
 
-class AlignedFaces(Dataset):
+class CropDataset(Dataset):
     """HQ aligned crops as float tensors in [0,1], optionally as random patches with flips.
 
     `scales`: each crop is first shrunk by one of these factors, drawn at random (1.0 keeps it),
     so a model also learns faces seen at a smaller working size (`restore --face-size auto`
     restores small faces on 256-px crops of the same alignment)."""
 
-    def __init__(self, folders: Iterable[Path], patch_size: int | None = None, flip: bool = True, min_sharpness: float = 0.0,
-                 scales: Sequence[float] = (1.0,)):  # fmt: skip
+    def __init__(
+        self,
+        folders: Iterable[Path],
+        patch_size: int | None = None,
+        flip: bool = True,
+        min_sharpness: float = 0.0,
+        scales: Sequence[float] = (1.0,),
+    ):
         self.files = [Path(f) / r.file for f in folders for r in read_manifest(Path(f)) if r.sharpness >= min_sharpness]
         if not self.files:
             raise InputError("no training crops found in the given folders (or none sharp enough)")

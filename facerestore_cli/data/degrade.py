@@ -41,7 +41,15 @@ class DegradationConfig:
         return cls(**known)
 
 
-def _uniform(lo_hi: tuple[float, float], n: int, gen: torch.Generator, device: torch.device, gentle: torch.Tensor | None = None, share: float = 1.0, gentle_high: bool = False) -> torch.Tensor:
+def _uniform(
+    lo_hi: tuple[float, float],
+    n: int,
+    gen: torch.Generator,
+    device: torch.device,
+    gentle: torch.Tensor | None = None,
+    share: float = 1.0,
+    gentle_high: bool = False,
+) -> torch.Tensor:
     """Uniform draws in lo_hi; samples marked `gentle` stay in the first `share` of the range
     from its gentle end (the low end, or the high end for JPEG quality)."""
     lo, hi = lo_hi
@@ -82,10 +90,14 @@ def resize_each(x: torch.Tensor, sizes: list[tuple[int, int]], mode: str = "bili
 # Standard JPEG (ITU T.81 Annex K) quantisation tables.
 _LUMA_Q = torch.tensor(
     [
-        [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
     ],
     dtype=torch.float32,
 )

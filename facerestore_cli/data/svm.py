@@ -29,9 +29,16 @@ from facerestore_cli.io.images import read_image
 
 FEATURE_SIZE = 128
 FEATURE_NAMES = (
-    "log_laplacian_var_128", "log_laplacian_var_64", "mean_gradient", "hf_share_high", "hf_share_mid",
-    "noise_sigma", "blockiness", "contrast", "colourfulness",
-)  # fmt: skip
+    "log_laplacian_var_128",
+    "log_laplacian_var_64",
+    "mean_gradient",
+    "hf_share_high",
+    "hf_share_mid",
+    "noise_sigma",
+    "blockiness",
+    "contrast",
+    "colourfulness",
+)
 SCALINGS = ("standard", "minmax", "none")
 KERNELS = ("rbf", "linear", "poly", "sigmoid")
 
@@ -105,12 +112,17 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     high, mid = _spectrum_shares(g128)
     return np.array(
         [
-            np.log1p(cv2.Laplacian(g128, cv2.CV_64F).var()), np.log1p(cv2.Laplacian(g64, cv2.CV_64F).var()),
-            np.sqrt(gx**2 + gy**2).mean(), np.log(high + 1e-9), np.log(mid + 1e-9),
-            _noise_sigma(native), _blockiness(native),
-            g128.std(), _colourfulness(cv2.resize(rgb, (FEATURE_SIZE, FEATURE_SIZE), interpolation=cv2.INTER_AREA)),
+            np.log1p(cv2.Laplacian(g128, cv2.CV_64F).var()),
+            np.log1p(cv2.Laplacian(g64, cv2.CV_64F).var()),
+            np.sqrt(gx**2 + gy**2).mean(),
+            np.log(high + 1e-9),
+            np.log(mid + 1e-9),
+            _noise_sigma(native),
+            _blockiness(native),
+            g128.std(),
+            _colourfulness(cv2.resize(rgb, (FEATURE_SIZE, FEATURE_SIZE), interpolation=cv2.INTER_AREA)),
         ]
-    )  # fmt: skip
+    )
 
 
 class FeatureCache:

@@ -1,4 +1,4 @@
-"""Rebuildable degraded test sets, and an honest comparison of restorers against simple baselines.
+"""Rebuildable degraded test sets: pair folders of ground truth and its degraded copy.
 
 `degrade_folder` turns aligned HQ crops into a pair folder::
 
@@ -12,20 +12,7 @@ thread, so a set is rebuilt bit for bit from the same sources, seed and ranges (
 build), independent of order, of other files and of the thread count, and `degradations.jsonl`
 says what each image went through.
 
-`evaluate` restores the LQ images of a pair folder (or of LQ folders alone) with each
-restorer and with baselines, scores every method with the metric registry's metrics, and
-returns the mean per method and metric, the metrics that could not run here (with reasons) and,
-optionally, a PNG grid (rows: input | baseline | each restorer | ground truth).
-
-Without ground truth (real degraded photos) full-reference metrics are skipped, but with
-`input_reference` the identity metrics are scored against the degraded input itself, as
-`identity@input` and `identity_dist@input`: does the output still show the person in the input?
-The `input` baseline is that image, so it scores perfectly there by construction; PSNR/SSIM are
-never scored against the input (they would only reward doing nothing).
-
-Baselines: `input` is the degraded image itself; `bicubic_unsharp` is the classical answer,
-bicubic resize to the output size (when the LQ is smaller) followed by an unsharp mask.
-With pairs, `ground_truth` is also scored by the no-reference metrics, as the level to aim for.
+`find_pairs` / `find_lq` find a set's images for `evaluate` (evaluate.py), which scores them.
 """
 
 from __future__ import annotations
@@ -44,11 +31,13 @@ import numpy as np
 import torch
 
 from facerestore_cli import __version__
+from facerestore_cli.configfile import check_keys, read_config
 from facerestore_cli.data.degrade import DegradationConfig, Degrader
 from facerestore_cli.errors import FacerestoreError
 from facerestore_cli.io.files import MediaError
-from facerestore_cli.io.images import read_image
+from facerestore_cli.io.images import read_image, write_png
 from facerestore_cli.io.inputs import IMAGE_EXTS
+from facerestore_cli.io.tensors import to_images, to_tensor01
 
 HQ_DIR, LQ_DIR = "hq", "lq"
 DEGRADATIONS = "degradations.jsonl"
@@ -87,7 +76,7 @@ def source_images(src: Path) -> list[tuple[str, Path]]:
             try:
                 rows.append(json.loads(line)["file"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise EvalInputError(f"{manifest}:{n}: not a manifest line with a \"file\" field") from None
+                raise EvalInputError(f'{manifest}:{n}: not a manifest line with a "file" field') from None
     missing = [r for r in rows if not (root / r).is_file()]
     if missing:
         raise EvalInputError(f"{manifest}: {len(missing)} listed crop(s) missing, e.g. {root / missing[0]}")
@@ -104,20 +93,6 @@ def image_seed(seed: int, name: str) -> int:
 
 def _png_name(rel: str) -> str:
     return str(Path(rel).with_suffix(".png").as_posix())
-
-
-def _to_tensor01(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)[None]
-
-
-def _to_uint8(x: torch.Tensor) -> list[np.ndarray]:
-    return list(x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"could not write {path}")
 
 
 # ------------------------------------------------------------------ degrade
@@ -178,10 +153,10 @@ def degrade_folder(
                 hq = resize_for_scoring(hq, (size, size))
             s = image_seed(seed, rel)
             with torch.no_grad(), _single_thread():
-                lq_t, params = Degrader(cfg, seed=s)(_to_tensor01(hq))
+                lq_t, params = Degrader(cfg, seed=s)(to_tensor01([hq]))
             name = _png_name(rel)
             write_png(out_dir / HQ_DIR / name, hq)
-            write_png(out_dir / LQ_DIR / name, _to_uint8(lq_t)[0])
+            write_png(out_dir / LQ_DIR / name, to_images(lq_t)[0])
             row = {"file": name, "source": str(path), "seed": s, "height": hq.shape[0], "width": hq.shape[1], **params.row(0)}
             row["grey_noise"] = bool(row["grey_noise"])
             log.write(json.dumps(row) + "\n")
@@ -194,18 +169,16 @@ def degrade_folder(
 
 def load_degradation_config(path: Path | str) -> DegradationConfig:
     """Ranges from a TOML/JSON file: a `[degradation]` table (as in training configs) or top-level keys."""
-    import tomllib
-
     path = Path(path)
     try:
-        text = path.read_text()
-        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        raw = read_config(path)
     except (OSError, ValueError) as err:
         raise EvalInputError(f"{path}: cannot read a degradation config ({err})") from None
     raw = raw.get("degradation", raw.get("config", raw))
-    unknown = sorted(set(raw) - set(DegradationConfig.__dataclass_fields__))
-    if unknown:
-        raise EvalInputError(f"{path}: unknown degradation keys {', '.join(unknown)} (known: {', '.join(DegradationConfig.__dataclass_fields__)})")
+    try:
+        check_keys(raw, DegradationConfig, "degradation")
+    except ValueError as err:
+        raise EvalInputError(f"{path}: {err}") from None
     return DegradationConfig.from_dict(raw)
 
 

@@ -34,7 +34,9 @@ def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise BackendUnavailable("--backend onnx needs onnxruntime: pip install onnx onnxruntime (the `onnx` extra; onnxruntime-gpu for CUDA)") from None
+        raise BackendUnavailable(
+            "--backend onnx needs onnxruntime: pip install onnx onnxruntime (the `onnx` extra; onnxruntime-gpu for CUDA)"
+        ) from None
     return onnxruntime
 
 
@@ -125,8 +127,9 @@ class TensorRTBackend:
         return f"TensorRT on {torch.cuda.get_device_name(self.device)}, engine {self.path}"
 
 
-def load_backend(kind: str, source: ModelSource, device: torch.device, precision: str = "fp32",
-                 engine: Path | None = None, batch_size: int = 4) -> OnnxBackend | TensorRTBackend:  # fmt: skip
+def load_backend(
+    kind: str, source: ModelSource, device: torch.device, precision: str = "fp32", engine: Path | None = None, batch_size: int = 4
+) -> OnnxBackend | TensorRTBackend:
     """The engine for `restore --backend onnx|tensorrt`: the given --engine, checked against the
     model asked for, or the cached one (made on first use)."""
     if kind == "onnx":
@@ -154,6 +157,10 @@ def _checked(path: Path, kind: str, source: ModelSource) -> EngineMeta:
 def _check_tensorrt_meta(path: Path, meta: EngineMeta, gpu: str, version: str, batch_size: int) -> None:
     """A TensorRT engine only runs on the GPU model and TensorRT version it was built with."""
     if meta.gpu != gpu or meta.versions.get("tensorrt") != version:
-        raise EngineError(f"{path} was built for {meta.gpu} with TensorRT {meta.versions.get('tensorrt')}, this is {gpu} with TensorRT {version}: export it again here")
+        raise EngineError(
+            f"{path} was built for {meta.gpu} with TensorRT {meta.versions.get('tensorrt')}, this is {gpu} with TensorRT {version}: export it again here"
+        )
     if (meta.max_batch or 1) < batch_size:
-        raise EngineError(f"{path} takes at most {meta.max_batch} faces per call: use --batch-size {meta.max_batch} or export with --max-batch {batch_size}")
+        raise EngineError(
+            f"{path} takes at most {meta.max_batch} faces per call: use --batch-size {meta.max_batch} or export with --max-batch {batch_size}"
+        )

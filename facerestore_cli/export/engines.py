@@ -35,8 +35,14 @@ from facerestore_cli.models.restorer import OneStepRestorer, architecture_finger
 MIN_CACHED_MAX_BATCH = 4
 
 
-def make_onnx(source: ModelSource, out: Path, face_size: int | None = None, fp16: bool = False,
-              opset: int = DEFAULT_OPSET, device: torch.device = torch.device("cpu")) -> EngineMeta:  # fmt: skip
+def make_onnx(
+    source: ModelSource,
+    out: Path,
+    face_size: int | None = None,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    device: torch.device = torch.device("cpu"),
+) -> EngineMeta:
     """Export the source model (LoRA merged) to `out` and write its sidecar."""
     onnx = require_onnx()
     restorer = source.load(device, torch.float16 if fp16 else torch.float32)
@@ -51,11 +57,18 @@ def make_onnx(source: ModelSource, out: Path, face_size: int | None = None, fp16
 def _onnx_meta(restorer: OneStepRestorer, source: ModelSource, face: int, fp16: bool, opset: int, versions: dict[str, str]) -> EngineMeta:
     config = restorer.config.to_dict() | {"face_size": face, "working_sizes": []}  # shapes are fixed at export
     return EngineMeta(
-        kind="onnx", model_fingerprint=source.fingerprint(), architecture=architecture_fingerprint(restorer),
-        config_name=restorer.config.name, face_size=face, sampling_steps=restorer.config.sampling_steps,
-        fp16=fp16, config=config, source=source.describe(), opset=opset,
+        kind="onnx",
+        model_fingerprint=source.fingerprint(),
+        architecture=architecture_fingerprint(restorer),
+        config_name=restorer.config.name,
+        face_size=face,
+        sampling_steps=restorer.config.sampling_steps,
+        fp16=fp16,
+        config=config,
+        source=source.describe(),
+        opset=opset,
         versions={"facerestore": __version__, "torch": torch.__version__, **versions},
-    )  # fmt: skip
+    )
 
 
 def make_tensorrt(source: ModelSource, out: Path, face_size: int | None, max_batch: int, device: torch.device) -> EngineMeta:
@@ -67,9 +80,13 @@ def make_tensorrt(source: ModelSource, out: Path, face_size: int | None, max_bat
     sidecar_path(out).unlink(missing_ok=True)
     build_tensorrt(onnx_path, out, onnx_meta.face_size, max_batch)
     meta = dataclasses.replace(
-        onnx_meta, kind="tensorrt", fp16=True, max_batch=max_batch, gpu=gpu,
+        onnx_meta,
+        kind="tensorrt",
+        fp16=True,
+        max_batch=max_batch,
+        gpu=gpu,
         versions={**onnx_meta.versions, "tensorrt": trt.__version__},
-    )  # fmt: skip
+    )
     write_meta(out, meta)
     return meta
 

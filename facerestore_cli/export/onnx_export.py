@@ -60,10 +60,15 @@ def export_onnx(restorer: OneStepRestorer, out: Path, face_size: int, opset: int
         with torch.no_grad(), warnings.catch_warnings():
             _quiet_exporter_warnings()
             torch.onnx.export(
-                _Graph(restorer.eval()), (dummy,), str(traced), dynamo=False, opset_version=opset,
-                input_names=[INPUT], output_names=[OUTPUT],
+                _Graph(restorer.eval()),
+                (dummy,),
+                str(traced),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
                 dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            )  # fmt: skip
+            )
         _save_single(onnx, traced, out, Path(tmp))
     return out
 

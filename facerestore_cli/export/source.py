@@ -16,11 +16,8 @@ import torch
 
 from facerestore_cli.errors import MissingFileError
 from facerestore_cli.models.configs import get_config
-from facerestore_cli.models.restorer import (
-    CONFIG_FILE,
-    OneStepRestorer,
-    read_lora_metadata,
-)
+from facerestore_cli.models.lora import read_lora_metadata
+from facerestore_cli.models.restorer import CONFIG_FILE, OneStepRestorer
 
 #: Sub-folders that hold weights/configs the restorer loads (an SD folder's text encoder only
 #: shapes the prompt, which a restorer folder stores as prompt_embeds.safetensors at the root).

@@ -16,8 +16,7 @@ import numpy as np
 
 #: facexlib's FFHQ template for 512 px crops: left eye, right eye, nose, left/right mouth corner.
 FFHQ_TEMPLATE_512 = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
-     [313.08905, 371.15118]],
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
     dtype=np.float32,
 )
 #: facexlib's grey fill (its BGR (135, 133, 132)) for the "constant" border mode, in RGB.
@@ -115,9 +114,7 @@ def _bounds(inverse: np.ndarray, size: int, shape: tuple[int, int], pad: int) ->
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
-def warp_faces(
-    image: np.ndarray, affines: list[np.ndarray], face_size: int = 512, border: str = "reflect"
-) -> list[np.ndarray]:
+def warp_faces(image: np.ndarray, affines: list[np.ndarray], face_size: int = 512, border: str = "reflect") -> list[np.ndarray]:
     """Aligned face_size x face_size crops, one per affine.
 
     border: how the crop is filled where it leaves the image. "reflect" (default) mirrors the
@@ -211,8 +208,7 @@ def _paste_one(out: np.ndarray, face: np.ndarray, affine: np.ndarray, mask: np.n
     dsize = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(src_face, inverse, dsize, flags=INTERP, borderMode=cv2.BORDER_REPLICATE)
     # Bilinear for the mask: it is smooth already and must stay within [0, 1] and exactly 0 outside.
-    weight = cv2.warpAffine(mask, inverse, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                            borderValue=0)
+    weight = cv2.warpAffine(mask, inverse, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     roi = out[y0:y1, x0:x1]
     bg = roi.astype(np.float32)
     w = weight[..., None]

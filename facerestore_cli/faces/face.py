@@ -1,5 +1,4 @@
-"""A detected face, the detector protocol every detector follows, and matching faces across frames.
-"""
+"""A detected face, the detector protocol every detector follows, and matching faces across frames."""
 
 from __future__ import annotations
 

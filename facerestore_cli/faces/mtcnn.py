@@ -296,13 +296,10 @@ class MTCNN(nn.Module):
                 # Boxes are 1-based inclusive pixels: edges [x1 - 1, x2) in 0-based terms.
                 b = boxes[sel]
                 rois = torch.cat([local_of[idx[sel]].float().unsqueeze(1), b[:, :2] - 1, b[:, 2:4]], dim=1)
-                crops[sel] = roi_align(images, rois, (size, size), spatial_scale=0.5**lv, sampling_ratio=-1,
-                                       aligned=True)
+                crops[sel] = roi_align(images, rois, (size, size), spatial_scale=0.5**lv, sampling_ratio=-1, aligned=True)
         return _normalise(crops)
 
-    def _stage_rnet(
-        self, groups: list[_Group], boxes: torch.Tensor, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_rnet(self, groups: list[_Group], boxes: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(boxes) == 0:
             return boxes, idx
         prob, reg = self.rnet(self._crops(groups, boxes, idx, 24))
@@ -369,12 +366,9 @@ class MTCNN(nn.Module):
         return groups, squares - origins_t.repeat(1, 2), origins_t
 
     @staticmethod
-    def _split(
-        n: int, boxes: torch.Tensor, scores: torch.Tensor, marks: torch.Tensor, idx: torch.Tensor
-    ) -> list[Detections]:
+    def _split(n: int, boxes: torch.Tensor, scores: torch.Tensor, marks: torch.Tensor, idx: torch.Tensor) -> list[Detections]:
         boxes, scores, marks, idx = (t.float().cpu().numpy() for t in (boxes, scores, marks, idx))
         return [
-            Detections(boxes[idx == i].astype(np.float32), scores[idx == i].astype(np.float32),
-                       marks[idx == i].astype(np.float32))
+            Detections(boxes[idx == i].astype(np.float32), scores[idx == i].astype(np.float32), marks[idx == i].astype(np.float32))
             for i in range(n)
         ]

@@ -53,9 +53,7 @@ def load_retinaface(file: Path, device: str | torch.device = "cpu") -> torch.nn.
         state = torch.load(file, map_location="cpu", weights_only=True)
         state = {k.removeprefix("module."): v for k, v in state.items()}
     except Exception as e:  # corrupt or foreign file: report it on one line, not as a traceback
-        raise DetectorUnavailable(
-            f"cannot read RetinaFace weights {file} ({type(e).__name__}); expected facexlib's {WEIGHT_FILE}"
-        ) from e
+        raise DetectorUnavailable(f"cannot read RetinaFace weights {file} ({type(e).__name__}); expected facexlib's {WEIGHT_FILE}") from e
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,6 +1,6 @@
 """The alignment warp and feathered paste-back of `faces.align` (and the --upscale resize), in torch.
 
-`restore`'s tensor frame path (`frames.py`, `--frame-path tensor`, the default on CUDA) uses
+`restore`'s tensor frame path (`restore/frames.py`, `--frame-path tensor`, the default on CUDA) uses
 them so a chunk of frames stays on the GPU from upload to the finished frames.
 Same conventions and the same results within a grey level or two: affines are the 2x3 image ->
 crop matrices of `estimate_affine` (pixel centres at integer coordinates, which is
@@ -33,8 +33,9 @@ from facerestore_cli.faces.align import (
 def _grid(matrix: np.ndarray, width: int, height: int, src_w: int, src_h: int, device: torch.device) -> Tensor:
     """1xHxWx2 sampling grid: output pixel (x, y) reads source pixel matrix @ (x, y, 1), normalised."""
     m = torch.as_tensor(np.asarray(matrix, np.float64), device=device)
-    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float64),
-                            torch.arange(width, device=device, dtype=torch.float64), indexing="ij")  # fmt: skip
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float64), torch.arange(width, device=device, dtype=torch.float64), indexing="ij"
+    )
     sx = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
     sy = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
     # align_corners=True: -1 and 1 are the centres of the first and last pixels.

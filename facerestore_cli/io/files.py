@@ -38,9 +38,7 @@ def _umask() -> int:
 
 def temp_path_for(path: Path) -> Path:
     """A fresh hidden temp file next to ``path`` (same filesystem, so os.replace is atomic)."""
-    fd, name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     return Path(name)
 

@@ -1,5 +1,4 @@
-"""Reading and writing images: RGB uint8 arrays with their alpha, grey flag, EXIF and ICC kept.
-"""
+"""Reading and writing images: RGB uint8 arrays with their alpha, grey flag, EXIF and ICC kept."""
 
 from __future__ import annotations
 
@@ -165,9 +164,7 @@ def _upright(img: Image.Image) -> tuple[Image.Image, bytes | None]:
 
 
 def _channels_equal(rgb: np.ndarray) -> bool:
-    return bool(
-        np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
-    )
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 def read_image(path: str | os.PathLike[str]) -> LoadedImage:
@@ -330,3 +327,11 @@ def resize_image(rgb: np.ndarray, scale: float | None = None, size: tuple[int, i
         return rgb.copy()
     interp = cv2.INTER_LANCZOS4 if size[0] * size[1] > h * w else cv2.INTER_AREA
     return cv2.resize(rgb, (size[1], size[0]), interpolation=interp)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """A plain PNG of an RGB array, folders made (for derived data: test sets, pairs, grids).
+    Unlike `write_image` it keeps no metadata of any input and is not atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"could not write {path}")

@@ -1,5 +1,4 @@
-"""Finding the user's inputs (files, folders, globs) and where each one's output goes.
-"""
+"""Finding the user's inputs (files, folders, globs) and where each one's output goes."""
 
 from __future__ import annotations
 
@@ -67,9 +66,7 @@ def _walk_folder(folder: Path, base: Path, exclude: Sequence[Path]) -> tuple[lis
     skipped = 0
     for root, dirs, files in os.walk(folder):
         root_path = Path(root)
-        dirs[:] = sorted(
-            d for d in dirs if not _is_hidden(d) and not _is_excluded(root_path / d, exclude)
-        )
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not _is_excluded(root_path / d, exclude))
         for name in sorted(files):
             if _is_hidden(name):
                 continue
@@ -156,9 +153,7 @@ def _unique_rel(rel: Path, taken: set[str]) -> Path:
     return candidate
 
 
-def discover_inputs(
-    specs: Sequence[str], *, exclude: Sequence[str | os.PathLike[str]] = ()
-) -> tuple[list[InputItem], list[MediaError]]:
+def discover_inputs(specs: Sequence[str], *, exclude: Sequence[str | os.PathLike[str]] = ()) -> tuple[list[InputItem], list[MediaError]]:
     """Expand files, folders (recursive) and globs into a de-duplicated list of inputs.
 
     Bad specs become errors rather than exceptions so one typo doesn't stop a batch.
@@ -188,9 +183,7 @@ def discover_inputs(
     return items, errors
 
 
-def output_path_for(
-    item: InputItem, outdir: Path, suffix: str | None = None, *, ext: str | None = None
-) -> Path:
+def output_path_for(item: InputItem, outdir: Path, suffix: str | None = None, *, ext: str | None = None) -> Path:
     """``outdir/rel`` (with ``suffix`` before the extension, ``ext`` replacing it).
 
     Raises MediaError when that is the input file itself: inputs are never overwritten.
@@ -204,9 +197,7 @@ def output_path_for(
         with suppress(OSError):
             same = os.path.samefile(out, item.path)  # hard links, case-insensitive FS
     if same:
-        raise MediaError(
-            item.path, "output would overwrite the input; choose another output folder or a suffix"
-        )
+        raise MediaError(item.path, "output would overwrite the input; choose another output folder or a suffix")
     return out
 
 

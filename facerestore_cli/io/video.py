@@ -144,9 +144,7 @@ def _parse_probe(path: Path, stderr: str) -> VideoInfo:
     if rotation % 180 == 90:
         width, height = height, width
     dur = _DURATION_RE.search(stderr)
-    duration = (
-        int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
-    )
+    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
     fps = _parse_fps(vline)
     return VideoInfo(
         fps=fps,
@@ -252,9 +250,7 @@ class VideoReader:
         count = 0
         with tempfile.TemporaryFile() as errlog:
             try:
-                proc = subprocess.Popen(
-                    self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog
-                )
+                proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog)
             except OSError as err:
                 raise MediaError(self.path, f"cannot run ffmpeg: {err}") from err
             self._proc = proc
@@ -272,9 +268,7 @@ class VideoReader:
             detail = f": {_ffmpeg_error_line(stderr)}" if rc != 0 else ""
             raise MediaError(self.path, f"video has no frames{detail}")
         if rc != 0:
-            raise MediaError(
-                self.path, f"decoding stopped after {count} frames: {_ffmpeg_error_line(stderr)}"
-            )
+            raise MediaError(self.path, f"decoding stopped after {count} frames: {_ffmpeg_error_line(stderr)}")
 
 
 def read_video_frames(path: str | os.PathLike[str]) -> Iterator[np.ndarray]:
@@ -320,5 +314,3 @@ _CONTAINERS: dict[str, tuple[str, tuple[str, ...], frozenset[str], tuple[str, st
     ),
     ".webm": ("webm", ("libvpx-vp9", "libvpx"), frozenset({"opus", "vorbis"}), ("libopus", "128k")),
 }
-
-

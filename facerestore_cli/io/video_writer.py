@@ -80,9 +80,7 @@ def _video_codec_args(encoder: str, crf: int) -> list[str]:
         args = ["-c:v", "libvpx", "-crf", str(min(63, crf + 6)), "-b:v", "10M"]
     else:
         args = ["-c:v", encoder, "-q:v", "2"]
-    return (
-        args + ["-pix_fmt", "yuv420p", "-vf", "scale=out_color_matrix=bt709:out_range=tv"] + colour
-    )
+    return args + ["-pix_fmt", "yuv420p", "-vf", "scale=out_color_matrix=bt709:out_range=tv"] + colour
 
 
 class VideoWriter:
@@ -169,9 +167,7 @@ class VideoWriter:
                 str(self._tmp_video),
             ]
             self._log = tempfile.TemporaryFile()
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log
-            )
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
         except OSError as err:
             self.abort()
             raise MediaError(self.out_path, f"cannot write video: {err.strerror or err}") from err
@@ -186,9 +182,7 @@ class VideoWriter:
         w, h = self.size
         if (w, h) == self._padded:
             return frame
-        return np.pad(
-            frame, ((0, self._padded[1] - h), (0, self._padded[0] - w), (0, 0)), mode="edge"
-        )
+        return np.pad(frame, ((0, self._padded[1] - h), (0, self._padded[0] - w), (0, 0)), mode="edge")
 
     def write(self, frame: np.ndarray) -> None:
         """Append one RGB uint8 frame of exactly ``size``."""
@@ -196,9 +190,7 @@ class VideoWriter:
             raise RuntimeError("VideoWriter is closed")
         w, h = self.size
         if frame.dtype != np.uint8 or frame.shape != (h, w, 3):
-            raise ValueError(
-                f"expected uint8 frame of shape {(h, w, 3)}, got {frame.dtype} {frame.shape}"
-            )
+            raise ValueError(f"expected uint8 frame of shape {(h, w, 3)}, got {frame.dtype} {frame.shape}")
         try:
             self._proc.stdin.write(np.ascontiguousarray(self._pad(frame)).tobytes())
         except (BrokenPipeError, OSError) as err:
@@ -255,9 +247,7 @@ class VideoWriter:
             self._proc.stdin.close()
         rc = self._proc.wait()
         if rc != 0:
-            raise MediaError(
-                self.out_path, f"video encoder failed: {_ffmpeg_error_line(self._ffmpeg_log())}"
-            )
+            raise MediaError(self.out_path, f"video encoder failed: {_ffmpeg_error_line(self._ffmpeg_log())}")
 
     def _audio_args(self, codecs: Sequence[str]) -> list[str]:
         """Per-stream: copy when the container takes the codec, else re-encode."""
@@ -310,9 +300,7 @@ class VideoWriter:
                 ]
             )
             if proc.returncode != 0:
-                raise MediaError(
-                    self.out_path, f"cannot mux video: {_ffmpeg_error_line(proc.stderr)}"
-                )
+                raise MediaError(self.out_path, f"cannot mux video: {_ffmpeg_error_line(proc.stderr)}")
             publish(tmp, self.out_path)
             tmp = None  # type: ignore[assignment]
         finally:

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from facerestore_cli.io.tensors import to_tensor01
 from facerestore_cli.metrics.base import Metric, MetricUnavailable
 
 #: torchvision's ImageNet AlexNet weights, the backbone of LPIPS (net="alex").
@@ -45,12 +46,6 @@ def no_network() -> Iterator[None]:
         yield
     finally:
         socket.socket.connect, socket.socket.connect_ex, socket.create_connection = saved  # type: ignore[method-assign]
-
-
-def to_tensor01(images: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
-    """uint8 RGB HxWx3 images (same size) -> float Bx3xHxW in [0, 1]."""
-    x = torch.from_numpy(np.stack([np.ascontiguousarray(im) for im in images])).permute(0, 3, 1, 2)
-    return x.to(device=device, dtype=torch.float32) / 255.0
 
 
 # ------------------------------------------------------------------ LPIPS

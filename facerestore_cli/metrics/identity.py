@@ -63,8 +63,8 @@ def face_rect(size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The template face rectangle scaled to an aligned crop of size (height, width)."""
     h, w = size
     sx, sy = w / 512.0, h / 512.0
-    l, t, r, b = FFHQ_RECT_512
-    return round(l * sx), round(t * sy), round(r * sx), round(b * sy)
+    left, top, right, bottom = FFHQ_RECT_512
+    return round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)
 
 
 class FaceEmbedder:

@@ -13,7 +13,7 @@ from facerestore_cli.models.configs import RestorerConfig, get_config, list_conf
 
 _LAZY = {
     "OneStepRestorer": "restorer",
-    "LoraMismatchError": "restorer",
+    "LoraMismatchError": "lora",
     "count_parameters": "restorer",
     "load_sd21_folder": "upstream",
     "load_osediff_checkpoint": "upstream",

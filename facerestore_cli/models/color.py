@@ -29,7 +29,7 @@ MAX_WAVELET_LEVELS = 8
 
 
 def parse_color_fix(spec: str) -> tuple[str, int]:
-    """"wavelet", "wavelet:N", "adain" or "none" -> (method, wavelet levels); ValueError saying what is allowed."""
+    """ "wavelet", "wavelet:N", "adain" or "none" -> (method, wavelet levels); ValueError saying what is allowed."""
     method, _, levels = spec.partition(":")
     allowed = f"color fix must be one of {', '.join(COLOR_FIXES)} or wavelet:N (N = 1..{MAX_WAVELET_LEVELS}), not {spec!r}"
     if method not in COLOR_FIXES or (levels and method != "wavelet"):

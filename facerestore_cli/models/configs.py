@@ -116,9 +116,7 @@ class RestorerConfig:
     def validate(self) -> None:
         lat = self.latent_channels
         if self.unet.get("in_channels", 4) != lat or self.unet.get("out_channels", 4) != lat:
-            raise InputError(
-                f"config {self.name!r}: unet in/out channels must equal vae latent_channels ({lat})"
-            )
+            raise InputError(f"config {self.name!r}: unet in/out channels must equal vae latent_channels ({lat})")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise InputError(f"config {self.name!r}: unsupported prediction_type {self.prediction_type!r}")
         steps = int(self.scheduler.get("num_train_timesteps", 1000))
@@ -136,16 +134,16 @@ class RestorerConfig:
             )
         bad = [s for s in self.working_sizes if not 0 < s < self.face_size or s % self.size_multiple]
         if bad:
-            raise InputError(f"config {self.name!r}: working_sizes must be below face_size ({self.face_size}) and multiples of {self.size_multiple}, not {bad}")
+            raise InputError(
+                f"config {self.name!r}: working_sizes must be below face_size ({self.face_size}) and multiples of {self.size_multiple}, not {bad}"
+            )
         self._check_groups("vae", self.vae, int(self.vae.get("norm_num_groups", 32)))
         self._check_groups("unet", self.unet, int(self.unet.get("norm_num_groups", 32)))
 
     def _check_groups(self, part: str, kwargs: dict[str, Any], groups: int) -> None:
         for ch in kwargs.get("block_out_channels", ()):
             if int(ch) % groups:
-                raise InputError(
-                    f"config {self.name!r}: {part} channels {ch} not divisible by norm_num_groups {groups}"
-                )
+                raise InputError(f"config {self.name!r}: {part} channels {ch} not divisible by norm_num_groups {groups}")
 
 
 def _sd_scheduler(prediction_type: str) -> dict[str, Any]:

@@ -75,14 +75,18 @@ def restore_crops_tensor(model: RestoreModel, crops: torch.Tensor, batch_size: i
     """Restore aligned crops given as a uint8 Bx3xSxS tensor (any device), batch_size at a time.
 
     Returns uint8 Bx3xSxS on the model's device, so a frame path that keeps its frames there
-    (frames.py) never takes the faces through host memory.
+    (restore/frames.py) never takes the faces through host memory.
     """
-    out = [to_uint8_tensor(restore_batch(model, model_input(crops[i : i + batch_size], model.device, model.dtype), method))
-           for i in range(0, len(crops), batch_size)]  # fmt: skip
+    out = [
+        to_uint8_tensor(restore_batch(model, model_input(crops[i : i + batch_size], model.device, model.dtype), method))
+        for i in range(0, len(crops), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty((0, *crops.shape[1:]), dtype=torch.uint8, device=model.device)
 
 
-def restore_crops(model: RestoreModel, crops: Sequence[np.ndarray], batch_size: int = 4, method: str = DEFAULT_COLOR_FIX) -> list[np.ndarray]:
+def restore_crops(
+    model: RestoreModel, crops: Sequence[np.ndarray], batch_size: int = 4, method: str = DEFAULT_COLOR_FIX
+) -> list[np.ndarray]:
     """Restore aligned uint8 HxWx3 crops, batch_size at a time, on the model's device and dtype."""
     if not len(crops):
         return []
@@ -167,14 +171,14 @@ class CompiledRestorer(RestorerWrapper):
     `channels_last` (CUDA) moves the weights and inputs to NHWC, which tensor cores prefer.
     """
 
-    def __init__(self, restorer: OneStepRestorer, backend: str = "inductor", channels_last: bool = False,
-                 warn: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, restorer: OneStepRestorer, backend: str = "inductor", channels_last: bool = False, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.restorer, self.channels_last = restorer, channels_last
         self.warn = warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
         if channels_last:
             restorer.to(memory_format=torch.channels_last)
         self.eager = {p: _swap(restorer, p, torch.compile(restorer.get_submodule(p), backend=backend)) for p in compiled_parts(restorer)}
-
 
     @property
     def compiled(self) -> bool:

@@ -20,7 +20,9 @@ from facerestore_cli.paths import DEFAULT_RESTORER
 DEFAULT_MODEL = DEFAULT_RESTORER
 
 
-def load_model_folder(directory: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> OneStepRestorer:
+def load_model_folder(
+    directory: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> OneStepRestorer:
     """A restorer folder, or a Stable Diffusion 2.1-base folder (vae/ + unet/, no restorer config)
     made into the one-step restorer of its parts."""
     root = Path(directory)

@@ -52,8 +52,9 @@ class PrecisionGuard(RestorerWrapper):
     down here, so an fp32 retry sees the exact input, not its fp16/bf16 rounding.
     """
 
-    def __init__(self, restorer: OneStepRestorer, model: Callable[[Tensor], Tensor] | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, restorer: OneStepRestorer, model: Callable[[Tensor], Tensor] | None = None, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.restorer = restorer
         self.model = model if model is not None else restorer
         self.low = restorer.dtype
@@ -80,9 +81,15 @@ class PrecisionGuard(RestorerWrapper):
         try:
             out = self._run_fp32(x)
         except RuntimeError as err:  # e.g. out of memory for the fp32 copy: keep the run going
-            self._warn_once("fp32-failed", f"{name} output had NaN/inf or black faces and the fp32 retry failed ({type(err).__name__}); such faces are left as they are")
+            self._warn_once(
+                "fp32-failed",
+                f"{name} output had NaN/inf or black faces and the fp32 retry failed ({type(err).__name__}); such faces are left as they are",
+            )
             return out.nan_to_num(0.0)
-        self._warn_once("fp32", f"{name} output had NaN/inf or black faces even with an fp32 VAE decoder: such batches are redone with the whole model in fp32")
+        self._warn_once(
+            "fp32",
+            f"{name} output had NaN/inf or black faces even with an fp32 VAE decoder: such batches are redone with the whole model in fp32",
+        )
         if not torch.isfinite(out).all():
             self._warn_once("fp32-bad", "the model gives NaN/inf even in fp32: those pixels are written as mid-grey")
             out = out.nan_to_num(0.0, 0.0, 0.0)

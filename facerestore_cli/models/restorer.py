@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,19 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from facerestore_cli.errors import FacerestoreError, InputError, MissingFileError
+from facerestore_cli.errors import InputError, MissingFileError
 from facerestore_cli.models.configs import RestorerConfig, get_config
+from facerestore_cli.models.lora import (
+    LORA_FORMAT,
+    LORA_META_KEY,
+    LoraMismatchError,
+    read_lora_metadata,
+    unet_lora_target_groups,
+    vae_encoder_lora_targets,
+)
 from facerestore_cli.models.sampler import restore_latent
 from facerestore_cli.models.skips import SkipFusion, Skips, decode_fused, encode_moments
 
@@ -55,64 +62,9 @@ CONFIG_FILE = "restorer_config.json"
 PROMPT_FILE = "prompt_embeds.safetensors"
 SKIP_FILE = "skip_fusion.safetensors"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-LORA_FORMAT = "facerestore-lora/1"
-_LORA_META_KEY = "facerestore_lora"
-
-# Substrings OSEDiff greps for when choosing LoRA targets (train_osediff / osediff.py).
-_UNET_LORA_PATTERNS = (
-    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
-)  # fmt: skip
-_VAE_LORA_PATTERNS = (
-    "conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0",
-)  # fmt: skip
-
-
-class LoraMismatchError(FacerestoreError, ValueError):
-    """A LoRA file does not fit the model it is loaded into."""
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _lora_candidate_modules(model: nn.Module) -> Iterable[str]:
-    """Names of the plain Linear/Conv2d layers of `model`, seen through any peft wrapping."""
-    for name, module in model.named_modules():
-        if ".lora_" in name or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if name.endswith(".base_layer"):
-            name = name[: -len(".base_layer")]
-        if "norm" in name:  # OSEDiff skips every *norm* parameter
-            continue
-        yield name
-
-
-def unet_lora_target_groups(unet: nn.Module) -> dict[str, list[str]]:
-    """OSEDiff's UNet LoRA targets, split like its three adapters: encoder / decoder / others.
-
-    A layer is a target when its name contains one of OSEDiff's patterns (every conv, attention
-    projection, proj_in/out and feed-forward layer); down blocks + conv_in form "encoder",
-    up blocks + conv_out "decoder", the rest (mid block) "others".
-    """
-    groups: dict[str, list[str]] = {"encoder": [], "decoder": [], "others": []}
-    for name in _lora_candidate_modules(unet):
-        if not any(p in name for p in _UNET_LORA_PATTERNS):
-            continue
-        if "down_blocks" in name or "conv_in" in name:
-            groups["encoder"].append(name)
-        elif "up_blocks" in name or "conv_out" in name:
-            groups["decoder"].append(name)
-        else:
-            groups["others"].append(name)
-    return groups
-
-
-def vae_encoder_lora_targets(vae: nn.Module) -> list[str]:
-    """OSEDiff's VAE LoRA targets: every conv/attention layer of the encoder plus quant_conv."""
-    targets = []
-    for name in _lora_candidate_modules(vae):
-        in_encoder = name.startswith("encoder.") and any(p in name for p in _VAE_LORA_PATTERNS)
-        if in_encoder or name == "quant_conv":
-            targets.append(name)
-    return targets
 
 
 def _plain_config(config: Any) -> dict[str, Any]:
@@ -235,7 +187,9 @@ class OneStepRestorer(nn.Module):
         """Image in [-1, 1] -> scaled latent (posterior mode, or a sample when training)."""
         return self.encode_with_skips(x, sample, generator)[0]
 
-    def encode_with_skips(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Skips | None]:
+    def encode_with_skips(
+        self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Skips | None]:
         """The scaled latent and, with skip fusion, the encoder features `decode` fuses (else None)."""
         x = x.to(self.vae.dtype)
         if self.skip_fusion is None:
@@ -494,7 +448,7 @@ class OneStepRestorer(nn.Module):
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()}
-        save_file(tensors, str(out), metadata={_LORA_META_KEY: json.dumps(meta)})
+        save_file(tensors, str(out), metadata={LORA_META_KEY: json.dumps(meta)})
         return out
 
     def _rank_of(self, part: str) -> int:
@@ -526,13 +480,9 @@ class OneStepRestorer(nn.Module):
 
     def _check_lora_meta(self, meta: dict[str, Any], src: Path) -> None:
         if meta.get("config_name") != self.config.name:
-            raise LoraMismatchError(
-                f"{src} was made for config '{meta.get('config_name')}', this model is '{self.config.name}'"
-            )
+            raise LoraMismatchError(f"{src} was made for config '{meta.get('config_name')}', this model is '{self.config.name}'")
         if meta.get("fingerprint") != architecture_fingerprint(self):
-            raise LoraMismatchError(
-                f"{src} was made for a different '{self.config.name}' architecture (fingerprint mismatch)"
-            )
+            raise LoraMismatchError(f"{src} was made for a different '{self.config.name}' architecture (fingerprint mismatch)")
 
     def _copy_weights(self, tensors: dict[str, Tensor], src: Path) -> None:
         own = dict(self.named_parameters())
@@ -541,8 +491,7 @@ class OneStepRestorer(nn.Module):
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
             raise LoraMismatchError(
-                f"{src}: {len(missing)} missing / {len(unexpected)} unexpected tensors "
-                f"(e.g. {(missing or unexpected)[0]})"
+                f"{src}: {len(missing)} missing / {len(unexpected)} unexpected tensors (e.g. {(missing or unexpected)[0]})"
             )
         with torch.no_grad():
             for n, t in tensors.items():
@@ -563,21 +512,6 @@ class OneStepRestorer(nn.Module):
         self.full_trained_modules.clear()
 
 
-def read_lora_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a `save_lora` file (clear error for anything else)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_LORA_META_KEY)
-    except Exception as exc:  # safetensors raises its own error types for non-safetensors input
-        raise LoraMismatchError(f"{path} is not a safetensors file: {exc}") from None
-    if raw is None:
-        raise LoraMismatchError(f"{path} is not a facerestore LoRA file (no '{_LORA_META_KEY}' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != LORA_FORMAT:
-        raise LoraMismatchError(f"{path}: unsupported LoRA format {meta.get('format')!r}")
-    return meta
-
-
 def _cast_state(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
     """Detached contiguous CPU copies, floating tensors cast to `dtype` when given."""
     out = {}
@@ -592,4 +526,3 @@ def _cast_state(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter elements (for reports)."""
     return sum(p.numel() for p in module.parameters())
-

@@ -40,6 +40,7 @@ class LatentDenoiser(Protocol):
 
     def denoise_latent(self, z: Tensor, timestep: int | Tensor | None = None) -> Tensor: ...
 
+
 #: t_prev of the last step: the clean latent (alpha_bar = 1).
 CLEAN = -1
 
@@ -114,7 +115,9 @@ class Transition:
 
 
 @torch.no_grad()
-def sample_trajectories(model: LatentDenoiser, z_start: Tensor, steps: int, eta: float, final_std: float, generator: torch.Generator | None = None) -> tuple[Tensor, list[Transition]]:
+def sample_trajectories(
+    model: LatentDenoiser, z_start: Tensor, steps: int, eta: float, final_std: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, list[Transition]]:
     """Draw one trajectory per start latent; returns the sampled clean latents and the transitions."""
     z, path = z_start.float(), []
     for t, t_prev in sampling_timesteps(model.config.timestep, steps):

@@ -99,9 +99,7 @@ def _check_sd_layout(root: Path, need_text: bool) -> None:
     required = list(_SD_REQUIRED) + (["text_encoder/config.json", "tokenizer"] if need_text else [])
     missing = [r for r in required if not (root / r).exists()]
     if missing:
-        raise MissingFileError(
-            f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}"
-        )
+        raise MissingFileError(f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
 
 
 @torch.no_grad()
@@ -171,9 +169,7 @@ def load_osediff_checkpoint(restorer: OneStepRestorer, pkl_path: str | Path) -> 
     return restorer
 
 
-def _add_osediff_adapter(
-    restorer: OneStepRestorer, part: str, adapter: str, rank: int, modules: list[str], pkl_path: str | Path
-) -> None:
+def _add_osediff_adapter(restorer: OneStepRestorer, part: str, adapter: str, rank: int, modules: list[str], pkl_path: str | Path) -> None:
     try:
         restorer._add_adapter(part, adapter, rank, OSEDIFF_LORA_ALPHA, _targets(modules))
     except ValueError as exc:  # peft: target modules not found -> wrong base model
@@ -232,8 +228,6 @@ def _copy_osediff_weights(module: torch.nn.Module, state: dict[str, Tensor], gre
             param.copy_(state[key].to(param.dtype))
             copied += 1
     if missing:
-        raise InputError(
-            f"{where}: {len(missing)} weights missing from checkpoint (e.g. {missing[0]}); wrong base model?"
-        )
+        raise InputError(f"{where}: {len(missing)} weights missing from checkpoint (e.g. {missing[0]}); wrong base model?")
     if copied == 0:
         raise InputError(f"{where}: no weights copied")

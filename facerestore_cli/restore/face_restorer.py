@@ -1,4 +1,8 @@
 """Frames in, restored frames out: detect, align, restore in batches, paste back.
+
+`build_face_restorer` loads what `restore` needs once (the model, through `models.loading` or an
+exported engine's backend, and the detector); `FaceRestorer` then restores the faces of any
+number of frames in shared model batches, on the numpy or the tensor frame path (frames.py).
 """
 
 from __future__ import annotations
@@ -101,8 +105,15 @@ class FaceRestorer:
     trained for that is at least the face's size in the output image (`face_sizes_for`).
     """
 
-    def __init__(self, model: RestoreModel, detector: Detector, batch_size: int | str = 4, color_fix: str = DEFAULT_COLOR_FIX,
-                 frame_path: str = "auto", face_size: str | int = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        model: RestoreModel,
+        detector: Detector,
+        batch_size: int | str = 4,
+        color_fix: str = DEFAULT_COLOR_FIX,
+        frame_path: str = "auto",
+        face_size: str | int = "auto",
+    ):
         parse_color_fix(color_fix)  # a bad spec fails here, before any file is read
         self.model, self.detector, self.color_fix = model, detector, color_fix
         self.sizes = face_sizes_for(model, face_size)
@@ -133,12 +144,16 @@ class FaceRestorer:
         return [FrameResult(r, [c], [r], 1, 1) for c, r in zip(crops, self.restore_crops(crops))]
 
     def restore_frames(
-        self, frames: Sequence[np.ndarray], upscale: float = 1.0, only_center_face: bool = False, keep_faces: bool = False,
+        self,
+        frames: Sequence[np.ndarray],
+        upscale: float = 1.0,
+        only_center_face: bool = False,
+        keep_faces: bool = False,
         detector: Detector | None = None,
-    ) -> list[FrameResult]:  # fmt: skip
+    ) -> list[FrameResult]:
         """Whole frames: every detected face restored in one batch across all frames, then pasted.
         `keep_faces` (--save-faces) also returns each face's crop and restoration. `detector`
-        replaces the engine's own for these frames (a video's `FaceTracker`)."""
+        replaces the face restorer's own for these frames (a video's `FaceTracker`)."""
         detections = (detector or self.detector).detect(list(frames))
         aligned = [self._align(frame, faces, only_center_face, upscale) for frame, faces in zip(frames, detections)]
         if self.frame_path == "tensor":
@@ -177,7 +192,9 @@ def build_face_restorer(
     return FaceRestorer(model, det, faces.batch_size, faces.color_fix, faces.frame_path, faces.face_size)
 
 
-def load_restore_model(choice: ModelChoice, device: torch.device, batch_size: int = 4, warn: Callable[[str], None] | None = None) -> RestoreModel:
+def load_restore_model(
+    choice: ModelChoice, device: torch.device, batch_size: int = 4, warn: Callable[[str], None] | None = None
+) -> RestoreModel:
     """The torch restorer, or an exported engine of the same model (`--backend onnx|tensorrt`).
 
     Engines are checked against the model asked for (content fingerprint), so `--model`/`--lora`

@@ -71,9 +71,11 @@ class AlignedFaces:
 
 
 def restore_frames_numpy(
-    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float,
+    frames: Sequence[np.ndarray],
+    aligned: Sequence[AlignedFaces],
+    upscale: float,
     restore: Callable[[list[np.ndarray]], list[np.ndarray]],
-) -> list[FrameResult]:  # fmt: skip
+) -> list[FrameResult]:
     """Warp with OpenCV, restore every crop of the chunk in `restore`'s batches, paste back."""
     crops = [[warp_faces(frame, [m], n)[0] for m, n in zip(a.affines, a.sizes)] for frame, a in zip(frames, aligned)]
     restored = iter(by_size([c for frame_crops in crops for c in frame_crops], restore))
@@ -88,9 +90,13 @@ def restore_frames_numpy(
 
 @torch.inference_mode()
 def restore_frames_tensor(
-    frames: Sequence[np.ndarray], aligned: Sequence[AlignedFaces], upscale: float,
-    restore: Callable[[Tensor], Tensor], device: torch.device, keep_faces: bool = False,
-) -> list[FrameResult]:  # fmt: skip
+    frames: Sequence[np.ndarray],
+    aligned: Sequence[AlignedFaces],
+    upscale: float,
+    restore: Callable[[Tensor], Tensor],
+    device: torch.device,
+    keep_faces: bool = False,
+) -> list[FrameResult]:
     """The same on `device`: `restore` takes and returns uint8 Nx3xSxS tensors there.
 
     A frame with nothing to do (no face, no upscale) is returned as it came, without a trip
@@ -109,8 +115,10 @@ def restore_frames_tensor(
         crops_out, restored_out = _split(_download(crops), counts), _split(_download(restored), counts)
     else:
         crops_out = restored_out = [[] for _ in counts]
-    return [FrameResult(frame if f is None else next(done), c, r, a.found, n)
-            for frame, f, c, r, a, n in zip(frames, finished, crops_out, restored_out, aligned, counts)]  # fmt: skip
+    return [
+        FrameResult(frame if f is None else next(done), c, r, a.found, n)
+        for frame, f, c, r, a, n in zip(frames, finished, crops_out, restored_out, aligned, counts)
+    ]
 
 
 def _warp(image: Tensor, affine: np.ndarray, size: int) -> Tensor:

@@ -1,13 +1,10 @@
-"""The restore loop: files in, restored files out, with a summary and per-file errors.
+"""The file loop: the user's inputs in, restored files out, with a summary and per-file errors.
 
-`FaceRestorer` works on frames (detect -> align -> restore in batches -> paste back, with numpy
-or on the model's device: frames.py); `run_restore` walks the user's inputs, reads and writes
-media, keeps going past bad files and counts what happened. Videos are decoded and encoded in
-background threads (threads.py) while their frames are restored. The CLI only parses options
-and shows progress.
-
-Under `torchrun` (WORLD_SIZE > 1) each process restores its `Shard` of the inputs on its own GPU
-and the summaries are gathered (`gather_summary`), so rank 0 can report the whole run.
+`run_restore` walks the inputs, reads and writes media, keeps going past bad files and counts
+what happened; the `FaceRestorer` (face_restorer.py) does the faces of each group of photos or
+chunk of video frames. Videos are decoded and encoded in background threads (threads.py) while
+their frames are restored. Under `torchrun` each process runs its `Shard` of the inputs
+(shards.py) and `restore_shard` gathers the summaries, so rank 0 can report the whole run.
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ from facerestore_cli.io.inputs import (
     discover_inputs,
     output_path_for,
 )
-from facerestore_cli.io.video_writer import VideoWriter
 from facerestore_cli.io.video import probe_video, read_video_frames
+from facerestore_cli.io.video_writer import VideoWriter
 from facerestore_cli.restore.face_restorer import FaceRestorer
 from facerestore_cli.restore.frames import (
     FrameResult,
@@ -73,8 +70,9 @@ def _save_extras(opts: RestoreOptions, item: InputItem, img: LoadedImage, result
         write_image(output_path_for(item, opts.outdir / "compare"), side_by_side(img.rgb, result.image), like=img)
 
 
-def restore_photos(face_restorer: FaceRestorer, photos: Sequence[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary,
-                   reporter: Reporter) -> None:  # fmt: skip
+def restore_photos(
+    face_restorer: FaceRestorer, photos: Sequence[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary, reporter: Reporter
+) -> None:
     """Photos restored together (as many as --batch-size): read each, detect in one call and
     restore the faces of all in shared model batches, so a folder of one-face portraits fills
     the model's batches as a video's frames do; then write each. A photo that cannot be read or
@@ -147,7 +145,9 @@ def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterable[list[np.ndarray]]:
         yield chunk
 
 
-def restore_video(face_restorer: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter) -> None:
+def restore_video(
+    face_restorer: FaceRestorer, item: InputItem, out: Path, opts: RestoreOptions, summary: Summary, reporter: Reporter
+) -> None:
     """One video, frame chunk by frame chunk (faces of a chunk share model batches), audio kept.
 
     Faces are searched for in the whole frame every `opts.detect_every` frames and followed
@@ -226,8 +226,9 @@ def run_restore(
     return summary
 
 
-def _flush(face_restorer: FaceRestorer, photos: list[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary,
-           reporter: Reporter) -> list[tuple[InputItem, Path]]:  # fmt: skip
+def _flush(
+    face_restorer: FaceRestorer, photos: list[tuple[InputItem, Path]], opts: RestoreOptions, summary: Summary, reporter: Reporter
+) -> list[tuple[InputItem, Path]]:
     """Restore the photos waiting, if any; returns the (now empty) list of photos waiting."""
     if photos:
         restore_photos(face_restorer, photos, opts, summary, reporter)
@@ -245,5 +246,3 @@ def restore_shard(specs: Sequence[str], face_restorer: FaceRestorer, opts: Resto
     summary = gather_summary(run_restore(specs, face_restorer, opts, reporter, shard), shard)
     leave_shards()
     return summary
-
-

@@ -16,7 +16,7 @@ from facerestore_cli.models.color import DEFAULT_COLOR_FIX
 
 
 def _auto_or_int(value: str | int, minimum: int, what: str) -> str | int:
-    """"auto", or a whole number of at least `minimum`; else a ValueError asking for `what`."""
+    """ "auto", or a whole number of at least `minimum`; else a ValueError asking for `what`."""
     if value == "auto":
         return value
     if not str(value).isdigit() or int(value) < minimum:

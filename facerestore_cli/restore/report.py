@@ -1,5 +1,5 @@
-"""What a restore run counts, and how it tells its progress.
-"""
+"""What a restore run counts (`Summary`), and how it tells its progress (`Reporter`): the CLI
+shows bars, other ranks of a torchrun only their errors, library callers nothing."""
 
 from __future__ import annotations
 

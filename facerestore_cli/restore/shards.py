@@ -1,5 +1,5 @@
 """Several processes restoring one run under torchrun: each takes every N-th input on its own GPU,
-and the summaries are gathered so rank 0 reports the whole run.
+and the summaries are gathered so rank 0 reports the whole run (and every rank exits alike).
 """
 
 from __future__ import annotations

@@ -175,7 +175,9 @@ class OpenClipBackbone(nn.Module):
         cfg = dict(clip_config)
         if cfg.get("text_cfg", {}).get("hf_tokenizer_name") or cfg.get("custom_text"):
             raise BackboneError("only open_clip models with the built-in CLIP tokenizer and text tower are supported")
-        self.clip = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        self.clip = CLIP(
+            embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False)
+        )
         self.context_length = int(cfg["text_cfg"].get("context_length", 77))
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from facerestore_cli.errors import InputError
+from facerestore_cli.io.tensors import to_images
 from facerestore_cli.metrics import MetricUnavailable, create_metric, metric_info
 from facerestore_cli.models.color import low_frequency
 from facerestore_cli.models.perceptual import EncoderPerceptualLoss
@@ -39,10 +39,6 @@ class RewardWeights:
     fidelity: float = 0.3
     quality: float = 0.1
     structure: float = 0.3
-
-
-def _uint8(images01: Tensor) -> list[np.ndarray]:
-    return list((images01.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
 class CompositeReward:
@@ -95,15 +91,25 @@ class CompositeReward:
 
     def report(self) -> list[str]:
         """One line per component: its weight and judge, or why it was dropped."""
-        judges = {"frm": "Face Reward Model", "fidelity": f"1 - {self.fidelity_name} distance", "quality": self.quality_name, "structure": f"exp(-{STRUCTURE_SCALE:g} L1 of low-frequency bands)"}
-        return [f"{k}: dropped ({self.dropped[k]})" if k in self.dropped else f"{k}: {w:g} x {judges[k]}" for k, w in asdict(self.weights).items()]
+        judges = {
+            "frm": "Face Reward Model",
+            "fidelity": f"1 - {self.fidelity_name} distance",
+            "quality": self.quality_name,
+            "structure": f"exp(-{STRUCTURE_SCALE:g} L1 of low-frequency bands)",
+        }
+        return [
+            f"{k}: dropped ({self.dropped[k]})" if k in self.dropped else f"{k}: {w:g} x {judges[k]}"
+            for k, w in asdict(self.weights).items()
+        ]
 
     @staticmethod
     def _signed(metric, values: list[float]) -> Tensor:
         """Higher is better for every component; a metric that cannot score these images is an error, not a zero."""
         v = torch.tensor(values, dtype=torch.float32)
         if not torch.isfinite(v).all():
-            raise InputError(f"{metric.name} cannot score these restorations (it gave nan; NIQE needs faces of at least 96 px): raise face_size or choose another metric")
+            raise InputError(
+                f"{metric.name} cannot score these restorations (it gave nan; NIQE needs faces of at least 96 px): raise face_size or choose another metric"
+            )
         return -v if metric.lower_better else v
 
     @torch.no_grad()
@@ -117,11 +123,18 @@ class CompositeReward:
             if self.perceptual is not None:
                 out["fidelity"] = 1 - self.perceptual.distance(restored01 * 2 - 1, hq01 * 2 - 1).float().cpu()
             else:
-                out["fidelity"] = self._signed(self.fidelity_metric, self.fidelity_metric.score_batch(_uint8(restored01), _uint8(hq01)))
+                out["fidelity"] = self._signed(
+                    self.fidelity_metric, self.fidelity_metric.score_batch(to_images(restored01), to_images(hq01))
+                )
         if "quality" in active:
-            out["quality"] = self._signed(self.quality_metric, self.quality_metric.score_batch(_uint8(restored01)))
+            out["quality"] = self._signed(self.quality_metric, self.quality_metric.score_batch(to_images(restored01)))
         if "structure" in active:
-            l1 = (low_frequency(restored01.float(), self.wavelet_levels) - low_frequency(hq01.float(), self.wavelet_levels)).abs().flatten(1).mean(1)
+            l1 = (
+                (low_frequency(restored01.float(), self.wavelet_levels) - low_frequency(hq01.float(), self.wavelet_levels))
+                .abs()
+                .flatten(1)
+                .mean(1)
+            )
             out["structure"] = torch.exp(-STRUCTURE_SCALE * l1).cpu()
         out["total"] = sum(active[k] * out[k] for k in active) if active else torch.zeros(restored01.shape[0])
         return out

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from facerestore_cli.io.tensors import to_tensor01
 from facerestore_cli.rewards.backbones import (
     BackboneError,
     CompactBackbone,
@@ -99,7 +100,7 @@ def uint8_to_tensor(images: Sequence[np.ndarray], size: int | None = None) -> Te
     for im in images:
         if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
             raise ValueError(f"expected a uint8 RGB HxWx3 image, got {getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
-        t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
+        t = to_tensor01([im])
         out.append(resize_for_model(t, size) if size else t)
     return torch.cat(out)
 
@@ -111,7 +112,9 @@ class FaceRewardModel(nn.Module):
         super().__init__()
         self.config = config
         if config.backbone == "compact":
-            self.backbone: nn.Module = CompactBackbone(config.channels, config.embed_dim, config.text, config.hash_buckets, config.init_logit_scale)
+            self.backbone: nn.Module = CompactBackbone(
+                config.channels, config.embed_dim, config.text, config.hash_buckets, config.init_logit_scale
+            )
         else:
             self.backbone = OpenClipBackbone(config.clip)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
@@ -164,7 +167,10 @@ class FaceRewardModel(nn.Module):
         """Write config.json + model.safetensors (optionally cast, e.g. fp16 to halve the file)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+        }
         save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE})
         (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return path

@@ -24,8 +24,6 @@ FRM_WEIGHTS = DEFAULT_FRM
 RESTORER_WEIGHTS = DEFAULT_RESTORER
 
 
-
-
 @register_metric
 class FRMScore(Metric):
     """How real and faithful an aligned face looks to the bundled Face Reward Model."""

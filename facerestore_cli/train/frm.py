@@ -10,10 +10,7 @@ out and scored every `val_every` steps: pairwise accuracy on them is the number 
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from facerestore_cli.configfile import check_keys, read_config
+from facerestore_cli.configfile import RunConfig
 from facerestore_cli.data.annotations import (
     Pair,
-    RowError,
     load_pair_files,
     split_pairs,
 )
+from facerestore_cli.errors import InputError
 from facerestore_cli.io.files import MediaError
 from facerestore_cli.io.images import read_image
 from facerestore_cli.rewards.frm import (
@@ -38,18 +35,17 @@ from facerestore_cli.rewards.frm import (
     load_frm,
     resize_for_model,
 )
-from facerestore_cli.train.checkpoint import (
-    JsonlLog,
-    TimeBudget,
-    find_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
+from facerestore_cli.train.checkpoint import JsonlLog
+from facerestore_cli.train.runner import RunResult, TrainingMethod, run_training, update
 
 
 @dataclass
-class FrmTrainConfig:
-    """Everything a run depends on; saved beside its checkpoints so it can be repeated."""
+class FrmTrainConfig(RunConfig):
+    """Everything a run depends on; saved beside its checkpoints so it can be repeated. Relative
+    `pairs`/`init` paths are kept as written (run from the repo). `[model]` is the FRM's own
+    config (rewards.frm.FrmConfig), checked by `validate`."""
+
+    KIND = "train-frm config"
 
     pairs: list[str] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)
@@ -78,26 +74,14 @@ class FrmTrainConfig:
     kind_sampling: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "FrmTrainConfig":
-        """A TOML or JSON config; relative `pairs`/`init` paths are kept as written (run from the repo)."""
-        return cls.from_dict(read_config(path))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "FrmTrainConfig":
-        check_keys(raw, cls, "train-frm config")
-        cfg = cls(**raw)
-        if not 0 <= cfg.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
-        if any(not w > 0 for w in cfg.kind_sampling.values()):
-            raise ValueError("kind_sampling weights must be positive")
-        if cfg.save_dtype not in ("fp32", "fp16"):
-            raise ValueError(f"save_dtype must be fp32 or fp16, not {cfg.save_dtype!r}")
-        FrmConfig.from_dict(cfg.model)  # fail early on a bad [model] table
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
+        if any(not w > 0 for w in self.kind_sampling.values()):
+            raise InputError("kind_sampling weights must be positive")
+        if self.save_dtype not in ("fp32", "fp16"):
+            raise InputError(f"save_dtype must be fp32 or fp16, not {self.save_dtype!r}")
+        FrmConfig.from_dict(self.model)  # fail early on a bad [model] table
 
 
 # ------------------------------------------------------------------ data
@@ -147,7 +131,9 @@ def collate_pairs(items: list) -> tuple | None:
 
 
 # ------------------------------------------------------------------ loss and evaluation
-def bt_loss(model: FaceRewardModel, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, captions: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def bt_loss(
+    model: FaceRewardModel, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, captions: list[str] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted Bradley-Terry loss of a batch and the per-pair logits (both images in one pass)."""
     caps = None if captions is None else list(captions) * 2
     scores = model(torch.cat([a, b]), caps)
@@ -181,11 +167,17 @@ class PairEval:
         return asdict(self)
 
 
-_ROLES = {"gt>restored": ("ground truth", "restored"), "restored>degraded": ("restored", "degraded (full strength)"), "gt>degraded": ("ground truth", None)}
+_ROLES = {
+    "gt>restored": ("ground truth", "restored"),
+    "restored>degraded": ("restored", "degraded (full strength)"),
+    "gt>degraded": ("ground truth", None),
+}
 
 
 @torch.no_grad()
-def score_files(model: FaceRewardModel, paths: Sequence[Path], batch_size: int = 32, captions: Sequence[str] | None = None) -> tuple[dict[Path, float], dict[str, str]]:
+def score_files(
+    model: FaceRewardModel, paths: Sequence[Path], batch_size: int = 32, captions: Sequence[str] | None = None
+) -> tuple[dict[Path, float], dict[str, str]]:
     """Scores of image files (each read once), and the unreadable ones with their reason."""
     was_training = model.training
     model.eval()
@@ -302,14 +294,6 @@ def make_optimizer(model: FaceRewardModel, cfg: FrmTrainConfig) -> torch.optim.O
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def lr_factor(step: int, cfg: FrmTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _batches(data: PairDataset, cfg: FrmTrainConfig, start_step: int) -> Iterator[tuple]:
     """Endless shuffled (or kind-weighted) batches, seeded by (seed, epoch, step at start)."""
     epoch = 0
@@ -325,28 +309,76 @@ def _batches(data: PairDataset, cfg: FrmTrainConfig, start_step: int) -> Iterato
 
 
 # ------------------------------------------------------------------ the loop
-@dataclass
-class TrainFrmResult:
-    step: int
-    steps_this_run: int
-    finished: bool
-    seconds: float
-    pairs_per_s: float
-    train_pairs: int
-    val_pairs: int
-    last_loss: float
-    last_train_accuracy: float
-    val: PairEval | None
-    row_errors: list[RowError] = field(default_factory=list)
-    unreadable: dict[str, str] = field(default_factory=dict)
+class FrmMethod(TrainingMethod):
+    """Bradley-Terry training as a `run_training` method; held-out pairs are scored every
+    `val_every` steps and at the end. One process trains (the pairs are not sharded)."""
 
+    rate_key = "pairs_per_s"
 
-def _validate(model: FaceRewardModel, pairs: list[Pair], step: int, log: JsonlLog, on_val: Callable[[int, PairEval], None] | None) -> PairEval:
-    val = evaluate_pairs(model, pairs)
-    log.write(step=step, val_accuracy=round(val.accuracy, 4), val_loss=round(val.loss, 5), val_by_kind=val.by_kind)
-    if on_val:
-        on_val(step, val)
-    return val
+    def __init__(self, cfg: FrmTrainConfig, on_val: Callable[[int, PairEval], None] | None = None) -> None:
+        super().__init__(cfg)
+        self.on_val = on_val
+        pairs, self.row_errors = load_pair_files(cfg.pairs)
+        self.train_pairs, self.val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+        if not self.train_pairs:
+            raise InputError(
+                "no labelled training pairs in " + ", ".join(cfg.pairs) + (f" ({len(self.row_errors)} bad rows)" if self.row_errors else "")
+            )
+        self.val, self.val_step = None, -1
+
+    def min_lr_ratio(self) -> float:
+        return self.cfg.min_lr_ratio
+
+    def build(self, ckpt: Path | None) -> None:
+        random.seed(self.cfg.seed)
+        self.model = build_model(self.cfg, ckpt).to(self.acc.device)
+        self.opt = make_optimizer(self.model, self.cfg)
+
+    def start(self, step: int) -> None:
+        self.data = PairDataset(self.train_pairs, self.model.config.image_size, self.cfg.flip, self.cfg.source_weights)
+        self.batches = _batches(self.data, self.cfg, step)
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        dev, model = self.acc.device, self.model
+        a, b, t, w, caps = next(self.batches)
+        loss, logits = bt_loss(model, a.to(dev), b.to(dev), t.to(dev), w.to(dev), caps if model.uses_captions else None)
+        self.set_lr(step)
+        update(self.acc, self.opt, loss, [p for p in model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        correct, counted = pair_accuracy(logits.cpu(), t)
+        return {"loss": float(loss.detach()), "train_accuracy": correct / counted if counted else float("nan")}, len(t)
+
+    def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
+        return {"loss": round(terms["loss"], 5), "train_accuracy": round(terms["train_accuracy"], 4)}
+
+    def after_step(self, step: int, log: JsonlLog) -> None:
+        if self.val_pairs and step % self.cfg.val_every == 0:
+            self._validate(step, log)
+
+    def before_final_save(self, step: int, log: JsonlLog) -> None:
+        if self.val_pairs and self.val_step != step:
+            self._validate(step, log)
+
+    def _validate(self, step: int, log: JsonlLog) -> None:
+        self.val, self.val_step = evaluate_pairs(self.model, self.val_pairs), step
+        if self.acc.is_main_process:
+            log.write(step=step, val_accuracy=round(self.val.accuracy, 4), val_loss=round(self.val.loss, 5), val_by_kind=self.val.by_kind)
+            if self.on_val:
+                self.on_val(step, self.val)
+
+    def save_model(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
+    def finish(self, run_dir: Path) -> None:
+        self.model.eval().save_pretrained(run_dir / "final", dtype=torch.float16 if self.cfg.save_dtype == "fp16" else None)
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "train_pairs": len(self.train_pairs),
+            "val_pairs": len(self.val_pairs),
+            "val": self.val,
+            "row_errors": self.row_errors,
+            "unreadable": dict(self.data.bad_files),
+        }
 
 
 def train_frm(
@@ -355,66 +387,19 @@ def train_frm(
     device: str = "cpu",
     resume: bool = True,
     max_minutes: float | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_val: Callable[[int, PairEval], None] | None = None,
-) -> TrainFrmResult:
-    """Train (or resume) an FRM; the final model is saved to run_dir/final."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pairs, row_errors = load_pair_files(cfg.pairs)
-    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
-    if not train_pairs:
-        raise ValueError("no labelled training pairs in " + ", ".join(cfg.pairs) + (f" ({len(row_errors)} bad rows)" if row_errors else ""))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    ckpt = find_checkpoint(run_dir) if resume else None
-    model = build_model(cfg, ckpt).to(device)
-    opt = make_optimizer(model, cfg)
-    step = 0
-    if ckpt:
-        step, _ = load_training_state(ckpt, opt)
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    data = PairDataset(train_pairs, model.config.image_size, cfg.flip, cfg.source_weights)
-    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start = _batches(data, cfg, step), time.perf_counter(), 0, step
-    loss_v, acc_v, val, val_step = float("nan"), float("nan"), None, -1
-    save = lambda: save_checkpoint(run_dir, model.save_pretrained, opt, step, {"config": cfg.to_dict()})  # noqa: E731
-    while step < cfg.steps and not budget.expired():
-        a, b, t, w, caps = next(batches)
-        loss, logits = bt_loss(model, a.to(device), b.to(device), t.to(device), w.to(device), caps if model.uses_captions else None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        opt.step()
-        step, seen = step + 1, seen + len(t)
-        correct, counted = pair_accuracy(logits.cpu(), t)
-        loss_v, acc_v = float(loss.detach()), (correct / counted if counted else float("nan"))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(step=step, loss=round(loss_v, 5), train_accuracy=round(acc_v, 4), pairs_per_s=round(seen / (time.perf_counter() - t0), 2))
-        if on_step:
-            on_step(step, loss_v, acc_v)
-        if val_pairs and step % cfg.val_every == 0:
-            val, val_step = _validate(model, val_pairs, step, log, on_val), step
-        if step % cfg.checkpoint_every == 0:
-            save()
-    if val_pairs and val_step != step:
-        val = _validate(model, val_pairs, step, log, on_val)
-    save()
-    finished = step >= cfg.steps
-    if finished:
-        model.eval().save_pretrained(run_dir / "final", dtype=torch.float16 if cfg.save_dtype == "fp16" else None)
-    elapsed = time.perf_counter() - t0
-    return TrainFrmResult(
-        step=step, steps_this_run=step - start, finished=finished, seconds=round(elapsed, 1), pairs_per_s=round(seen / max(elapsed, 1e-9), 2),
-        train_pairs=len(train_pairs), val_pairs=len(val_pairs), last_loss=loss_v, last_train_accuracy=acc_v, val=val,
-        row_errors=row_errors, unreadable=dict(data.bad_files),
-    )  # fmt: skip
+) -> RunResult:
+    """Train (or resume) an FRM; the final model is saved to run_dir/final. The result's
+    `last_losses` hold `loss` and `train_accuracy`; its extras the pair counts, the last
+    validation (`val`), the skipped rows and the unreadable files."""
+    return run_training(FrmMethod(cfg, on_val), run_dir, device, resume, max_minutes, on_step)
 
 
 # ------------------------------------------------------------------ online updates (ReFL's dynamic FRM)
-def preference_step(model: FaceRewardModel, opt: torch.optim.Optimizer, preferred: torch.Tensor, other: torch.Tensor, grad_clip: float = 1.0) -> tuple[float, float]:
+def preference_step(
+    model: FaceRewardModel, opt: torch.optim.Optimizer, preferred: torch.Tensor, other: torch.Tensor, grad_clip: float = 1.0
+) -> tuple[float, float]:
     """One Bradley-Terry step that teaches `model` to prefer `preferred[i]` over `other[i]` (Bx3xHxW in [0, 1]).
 
     Used by `refl` to keep the judge ahead of the generator (ground truth over current

@@ -22,15 +22,14 @@ One step of training:
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from facerestore_cli.data.degrade import DegradationConfig
+from facerestore_cli.errors import InputError
 from facerestore_cli.models.loading import load_model_folder
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import (
@@ -44,21 +43,17 @@ from facerestore_cli.models.sampler import (
 )
 from facerestore_cli.rewards.composite import CompositeReward, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
-from facerestore_cli.train.checkpoint import (
-    JsonlLog,
-    TimeBudget,
-    find_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
 from facerestore_cli.train.runner import (
     LORA_FILE,
     LoraTuningConfig,
-    accelerator,
+    RunResult,
+    TrainingMethod,
     degraded_pair,
     export_final,
     infinite,
+    run_training,
     save_model,
+    update,
     whole_face_loader,
 )
 
@@ -102,13 +97,15 @@ class LrpoConfig(LoraTuningConfig):
             (self.sampling_steps == 1 or self.eta > 0, "eta must be > 0 with several sampling steps (eta 0 leaves no transition to score)"),
             (self.final_std > 0, f"final_std must be > 0, not {self.final_std}"),
             (self.clip_range > 0 and self.advantage_clip > 0, "clip_range and advantage_clip must be > 0"),
-            (1 <= self.likelihood_steps <= self.sampling_steps, f"likelihood_steps must be between 1 and sampling_steps ({self.sampling_steps})"),
+            (
+                1 <= self.likelihood_steps <= self.sampling_steps,
+                f"likelihood_steps must be between 1 and sampling_steps ({self.sampling_steps})",
+            ),
             (self.likelihood_weight >= 0 and all(w >= 0 for w in asdict(self.rewards).values()), "weights must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
-
+                raise InputError(message)
 
 
 def group_advantages(rewards: torch.Tensor, batch_std: torch.Tensor | float | None = None, eps: float = 1e-6) -> torch.Tensor:
@@ -117,14 +114,18 @@ def group_advantages(rewards: torch.Tensor, batch_std: torch.Tensor | float | No
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (std + eps)
 
 
-def step_advantages(advantages: torch.Tensor, noise_levels: list[float], noise_level_weighting: bool = True, clip: float = 5.0) -> list[torch.Tensor]:
+def step_advantages(
+    advantages: torch.Tensor, noise_levels: list[float], noise_level_weighting: bool = True, clip: float = 5.0
+) -> list[torch.Tensor]:
     """Each step's advantage: scaled by sigma_t / mean sigma of the trajectory (when enabled), clipped."""
     mean = sum(noise_levels) / len(noise_levels)
     scales = [s / mean if noise_level_weighting else 1.0 for s in noise_levels]
     return [(advantages * w).clamp(-clip, clip) for w in scales]
 
 
-def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (to minimise) and the share of samples whose ratio was clipped."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -132,12 +133,15 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
     return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
 
 
-def ground_truth_targets(model: OneStepRestorer, z_gt: torch.Tensor, t: int, t_prev: int, eta: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ground_truth_targets(
+    model: OneStepRestorer, z_gt: torch.Tensor, t: int, t_prev: int, eta: float, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(state, target) for the likelihood term at one step, both drawn from the ground truth directly.
 
     state  ~ q(z_t | z0) = N(sqrt(a) z0, 1 - a)
     target ~ DDIM posterior q(z_prev | z_t, z0) with the policy's own std, or z0 at the last step.
     """
+
     def noise() -> torch.Tensor:
         return torch.randn(z_gt.shape, generator=gen).to(z_gt.device)
 
@@ -157,7 +161,9 @@ class LrpoObjective(torch.nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, path: list[Transition], advantages: list[torch.Tensor], likelihood_states: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, path: list[Transition], advantages: list[torch.Tensor], likelihood_states: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         cfg, terms = self.cfg, {}
         policy, clipped, kl = [], [], []
         for step, adv in zip(path, advantages):
@@ -185,7 +191,7 @@ def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[One
     """The base restorer in the configured sampling mode with fresh UNet LoRA (base frozen), and the reward."""
     model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
     if cfg.face_size % model.size_multiple:
-        raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
+        raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     model.config.sampling_steps = cfg.sampling_steps
     model.config.validate()  # the steps must fit below the model's timestep
     frm = load_frm(cfg.frm, device).eval().requires_grad_(False) if cfg.rewards.frm else None
@@ -193,6 +199,72 @@ def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[One
     model.add_lora(rank_unet=cfg.lora_rank, rank_vae=0, alpha=cfg.lora_alpha)
     model.freeze_base()
     return model.to(device), reward
+
+
+class LrpoMethod(TrainingMethod):
+    """LRPO as a `run_training` method: group sampling, advantages over all processes, PPO and the
+    likelihood term on UNet LoRA. Its log lines hold the means since the last line."""
+
+    rate_key = "restorations_per_s"
+
+    def __init__(self, cfg: LrpoConfig, on_start: Callable[[list[str]], None] | None = None) -> None:
+        super().__init__(cfg)
+        self.on_start = on_start
+        self.window: dict[str, list[float]] = {}
+
+    def build(self, ckpt: Path | None) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.model, self.reward = build_lrpo(cfg, acc.device)
+        if not self.reward.active:
+            raise InputError("every reward component was dropped: " + "; ".join(self.reward.report()))
+        if ckpt is not None:
+            self.model.load_lora(ckpt / "model" / LORA_FILE)
+        if self.on_start and acc.is_main_process:
+            self.on_start(self.reward.report())
+        self.trainable = self.model.lora_parameters()
+        self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=0.0)
+
+    def start(self, step: int) -> None:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            (self.run_dir / "rewards.txt").write_text("\n".join(self.reward.report()) + "\n")
+        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
+        self.objective, self.opt, loader = acc.prepare(LrpoObjective(self.model, cfg), self.opt, loader)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
+        self.batches = infinite(loader)
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        cfg, acc = self.cfg, self.acc
+        hq, lq = degraded_pair(next(self.batches).to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        scores, path, likelihood_states = rollout(self.model, self.reward, cfg, lq, hq, self.gen)
+        rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
+        adv = group_advantages(rewards, acc.gather(rewards).std()).flatten()
+        per_step = step_advantages(adv, [s.noise_level for s in path], cfg.noise_level_advantage, cfg.advantage_clip)
+        self.set_lr(step)
+        losses = self.objective(path, per_step, likelihood_states)
+        update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip)
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        terms.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
+        terms["reward_std"] = float(rewards.std())
+        for k, v in terms.items():
+            self.window.setdefault(k, []).append(v)
+        return terms, rewards.numel()
+
+    def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
+        """The mean since the last line: one batch's reward says more about its faces than the policy."""
+        means = {k: round(sum(v) / len(v), 6) for k, v in self.window.items()}
+        self.window.clear()
+        return means
+
+    def save_model(self, folder: Path) -> None:
+        save_model(self.model, folder)
+
+    def finish(self, run_dir: Path) -> None:
+        self.model.save_lora(run_dir / LORA_FILE)
+        export_final(self.model, run_dir / "final")
+
+    def results(self) -> dict[str, Any]:
+        return {"sampling_steps": self.cfg.sampling_steps, "rewards": self.reward.report()}
 
 
 def train_lrpo(
@@ -203,99 +275,23 @@ def train_lrpo(
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[list[str]], None] | None = None,
-) -> dict:
-    """Fine-tune (or resume) with LRPO; returns a summary.
+) -> RunResult:
+    """Fine-tune (or resume) with LRPO; returns the run's summary.
 
     Writes run_dir/log.jsonl (every `log_every` steps, the means since the last line of the reward,
-    its components, the policy and likelihood terms),
+    its components, the policy and likelihood terms), run_dir/rewards.txt,
     run_dir/checkpoint, and when finished run_dir/lora.safetensors (for `restore --lora`; it
     carries the sampling steps) and run_dir/final (merged, fp16). `on_start` gets the reward's
     component report (what counts, what was dropped and why). Several processes: `accelerate launch`
     or torchrun; each samples its own faces, advantages use the standard deviation over all.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    acc = accelerator(device)
-    dev = acc.device
-    torch.manual_seed(cfg.seed + acc.process_index)
-    ckpt = find_checkpoint(run_dir) if resume else None
-    model, reward = build_lrpo(cfg, dev)
-    if not reward.active:
-        raise ValueError("every reward component was dropped: " + "; ".join(reward.report()))
-    if ckpt is not None:
-        model.load_lora(ckpt / "model" / LORA_FILE)
-    if on_start and acc.is_main_process:
-        on_start(reward.report())
-    trainable = model.lora_parameters()
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    if ckpt is not None:
-        step, _ = load_training_state(ckpt, opt)
-    if acc.is_main_process:
-        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (run_dir / "rewards.txt").write_text("\n".join(reward.report()) + "\n")
-    loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
-    objective = LrpoObjective(model, cfg)
-    objective, opt, loader = acc.prepare(objective, opt, loader)
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
-    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
-    terms: dict[str, float] = {}
-    window: dict[str, list[float]] = {}
-
-    def save() -> None:
-        if acc.is_main_process:
-            save_checkpoint(run_dir, lambda folder: save_model(model, folder), opt, step, {"config": cfg.to_dict()})
-
-    while step < cfg.steps and not budget.expired():
-        hq, lq = degraded_pair(next(batches).to(dev), cfg.face_size, cfg.degradation, gen)
-        scores, path, likelihood_states = rollout(model, reward, cfg, lq, hq, gen)
-        rewards = scores["total"].to(dev).view(hq.shape[0], cfg.group_size)
-        adv = group_advantages(rewards, acc.gather(rewards).std()).flatten()
-        per_step = step_advantages(adv, [s.noise_level for s in path], cfg.noise_level_advantage, cfg.advantage_clip)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        losses = objective(path, per_step, likelihood_states)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(losses["total"])
-        acc.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-        step, seen = step + 1, seen + rewards.numel() * acc.num_processes
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        terms.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
-        terms["reward_std"] = float(rewards.std())
-        for k, v in terms.items():
-            window.setdefault(k, []).append(v)
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            # the mean since the last line: one batch's reward says more about its faces than the policy
-            means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
-            log.write(step=step, restorations_per_s=round(seen / (time.perf_counter() - t0), 3), **means)
-            window.clear()
-        if on_step and acc.is_main_process:
-            on_step(step, terms)
-        if step % cfg.checkpoint_every == 0:
-            save()
-    save()
-    elapsed = time.perf_counter() - t0
-    finished = step >= cfg.steps
-    if finished and acc.is_main_process:
-        model.save_lora(run_dir / LORA_FILE)
-        export_final(model, run_dir / "final")
-    acc.wait_for_everyone()
-    return {
-        "step": step,
-        "steps_this_run": step - start_step,
-        "finished": finished,
-        "seconds": round(elapsed, 1),
-        "restorations_per_s": round(seen / max(elapsed, 1e-9), 3),
-        "sampling_steps": cfg.sampling_steps,
-        "rewards": reward.report(),
-        "last_losses": terms,
-    }
+    return run_training(LrpoMethod(cfg, on_start), run_dir, device, resume, max_minutes, on_step)
 
 
 @torch.no_grad()
-def rollout(model: OneStepRestorer, reward: CompositeReward, cfg: LrpoConfig, lq: torch.Tensor, hq: torch.Tensor, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list[Transition], list]:
+def rollout(
+    model: OneStepRestorer, reward: CompositeReward, cfg: LrpoConfig, lq: torch.Tensor, hq: torch.Tensor, gen: torch.Generator
+) -> tuple[dict[str, torch.Tensor], list[Transition], list]:
     """Group sampling and scoring for one batch (images in [0, 1]), plus the likelihood term's states."""
     z_lq, skips = model.encode_with_skips(lq * 2 - 1)
     z_start = z_lq.float().repeat_interleave(cfg.group_size, 0)

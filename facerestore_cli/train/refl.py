@@ -24,37 +24,33 @@ restorer's 512-px degradation parameters scaled to that size (`data.autopairs.de
 from __future__ import annotations
 
 import copy
-import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from facerestore_cli.data.degrade import DegradationConfig
+from facerestore_cli.errors import InputError
 from facerestore_cli.models.color import low_frequency
 from facerestore_cli.models.loading import load_model_folder
 from facerestore_cli.models.perceptual import EncoderPerceptualLoss
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.rewards.frm import FaceRewardModel, load_frm
-from facerestore_cli.train.checkpoint import (
-    JsonlLog,
-    TimeBudget,
-    find_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
 from facerestore_cli.train.frm import preference_step
 from facerestore_cli.train.runner import (
     LORA_FILE,
     LoraTuningConfig,
+    RunResult,
+    TrainingMethod,
     autocast,
     degraded_pair,
     export_final,
     infinite,
+    run_training,
     save_model,
+    update,
     whole_face_loader,
 )
 
@@ -89,11 +85,11 @@ class ReflConfig(LoraTuningConfig):
     def validate(self) -> None:
         super().validate()
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.frm_update_every < 0:
-            raise ValueError(f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {self.frm_update_every}")
+            raise InputError(f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {self.frm_update_every}")
         if any(w < 0 for w in asdict(self.losses).values()):
-            raise ValueError("loss weights must be >= 0")
+            raise InputError("loss weights must be >= 0")
 
     @property
     def dynamic_frm(self) -> bool:
@@ -134,16 +130,11 @@ class ReflObjective(torch.nn.Module):
         return terms, image01.detach()
 
 
-def _warmup(step: int, cfg: ReflConfig) -> float:
-    """Linear warm-up, then the constant rate (ReFL fine-tunes briefly; no decay)."""
-    return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
 def build_refl(cfg: ReflConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, FaceRewardModel, ReflObjective]:
     """The base restorer with fresh LoRA adapters (base frozen), the FRM (frozen, eval) and the objective."""
     model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
     if cfg.face_size % model.size_multiple:
-        raise ValueError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
+        raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     frm = load_frm(cfg.frm).eval().requires_grad_(False)
     objective = ReflObjective(model, frm, cfg.losses, cfg.wavelet_levels)
     model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank, alpha=cfg.lora_alpha)
@@ -156,6 +147,84 @@ def frm_optimizer(frm: FaceRewardModel, cfg: ReflConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(list(frm.parameters()), lr=cfg.frm_lr, weight_decay=0.0)
 
 
+class ReflMethod(TrainingMethod):
+    """ReFL as a `run_training` method: LoRA steps on the reward, and the dynamic FRM's own steps.
+
+    Under several processes every process makes the same FRM step on the whole gathered batch,
+    so the judges stay equal without a DDP wrapper (the FRM's methods are called directly).
+    """
+
+    log_digits = 6
+
+    def build(self, ckpt: Path | None) -> None:
+        cfg = self.cfg
+        self.model, self.frm, self.objective = build_refl(cfg, self.acc.device)
+        self.frm_start = copy.deepcopy(self.frm) if cfg.dynamic_frm else None  # the judge before any update, for the log
+        if ckpt is not None:
+            self.model.load_lora(ckpt / "model" / LORA_FILE)
+        self.trainable = self.model.lora_parameters()
+        self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.frm_opt = frm_optimizer(self.frm, cfg) if cfg.dynamic_frm else None
+        self.frm_updates = 0
+
+    def resume(self, extra: dict[str, Any]) -> None:
+        self.frm_updates = int(extra.get("frm_updates", 0))
+        if self.frm_opt is not None and "frm" in extra:
+            self.frm.load_state_dict(extra["frm"])
+            self.frm_opt.load_state_dict(extra["frm_opt"])
+            for group in self.frm_opt.param_groups:
+                group["lr"] = self.cfg.frm_lr  # the config's rate, like the restorer's (set every step)
+
+    def start(self, step: int) -> None:
+        cfg, acc = self.cfg, self.acc
+        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
+        self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000 + 7919 * acc.process_index)
+        self.batches = infinite(loader)
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        cfg, acc = self.cfg, self.acc
+        hq, lq = degraded_pair(next(self.batches).to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        self.set_lr(step)
+        with autocast(acc.device, cfg.precision):
+            losses, restored = self.objective(lq * 2 - 1, hq * 2 - 1)
+        update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip)
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        if self.frm_opt is not None:
+            terms.update(self._frm_step(step + 1, hq, restored))
+        return terms, hq.shape[0]
+
+    def _frm_step(self, step: int, hq: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
+        """The dynamic FRM's log terms, and every `frm_update_every` steps its preference step."""
+        cfg, acc = self.cfg, self.acc
+        with torch.no_grad():
+            terms = {"frm_start_score": float(self.frm_start(restored).mean())}
+        if step % cfg.frm_update_every == 0:
+            with autocast(acc.device, cfg.precision):
+                frm_loss, frm_acc = preference_step(self.frm, self.frm_opt, acc.gather(hq), acc.gather(restored), cfg.frm_grad_clip)
+            self.frm_updates += 1
+            terms.update(frm_loss=frm_loss, frm_accuracy=frm_acc)
+        return terms
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"frm_updates": self.frm_updates}
+        if self.frm_opt is not None:
+            extra.update(frm=self.frm.state_dict(), frm_opt=self.frm_opt.state_dict())
+        return extra
+
+    def save_model(self, folder: Path) -> None:
+        save_model(self.model, folder)
+
+    def finish(self, run_dir: Path) -> None:
+        self.model.save_lora(run_dir / LORA_FILE)
+        if self.frm_opt is not None:
+            self.frm.save_pretrained(run_dir / "frm_final")
+        export_final(self.model, run_dir / "final")
+
+    def results(self) -> dict[str, Any]:
+        return {"frm": "dynamic" if self.cfg.dynamic_frm else "frozen", "frm_updates": self.frm_updates}
+
+
 def train_refl(
     cfg: ReflConfig,
     run_dir: Path,
@@ -163,90 +232,12 @@ def train_refl(
     resume: bool = True,
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict:
-    """Fine-tune (or resume) with reward feedback; returns a summary.
+) -> RunResult:
+    """Fine-tune (or resume) with reward feedback; returns the run's summary.
 
     Writes run_dir/log.jsonl, run_dir/checkpoint (LoRA, optimizer, step, RNG and, with a dynamic
     FRM, its weights and optimizer), and when finished run_dir/lora.safetensors (for
     `restore --lora`), run_dir/final (merged, fp16) and, with a dynamic FRM, run_dir/frm_final.
+    Several processes: `accelerate launch` or torchrun, each on its shard of the faces.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    ckpt = find_checkpoint(run_dir) if resume else None
-    model, frm, objective = build_refl(cfg, dev)
-    frm_start = copy.deepcopy(frm) if cfg.dynamic_frm else None  # the judge before any update, for the log
-    if ckpt is not None:
-        model.load_lora(ckpt / "model" / LORA_FILE)
-    trainable = model.lora_parameters()
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    frm_opt = frm_optimizer(frm, cfg) if cfg.dynamic_frm else None
-    step, frm_updates = 0, 0
-    if ckpt is not None:
-        step, extra = load_training_state(ckpt, opt)
-        frm_updates = int(extra.get("frm_updates", 0))
-        if frm_opt is not None and "frm" in extra:
-            frm.load_state_dict(extra["frm"])
-            frm_opt.load_state_dict(extra["frm_opt"])
-            for group in frm_opt.param_groups:
-                group["lr"] = cfg.frm_lr  # the config's rate, like the restorer's (set every step)
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000)
-    log, budget = JsonlLog(run_dir / "log.jsonl"), TimeBudget(max_minutes)
-    batches, t0, seen, start_step = infinite(loader), time.perf_counter(), 0, step
-    terms: dict[str, float] = {}
-
-    def save() -> None:
-        extra = {"config": cfg.to_dict(), "frm_updates": frm_updates}
-        if frm_opt is not None:
-            extra.update(frm=frm.state_dict(), frm_opt=frm_opt.state_dict())
-
-        save_checkpoint(run_dir, lambda folder: save_model(model, folder), opt, step, extra)
-
-    while step < cfg.steps and not budget.expired():
-        hq, lq = degraded_pair(next(batches).to(dev), cfg.face_size, cfg.degradation, gen)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _warmup(step, cfg)
-        with autocast(dev, cfg.precision):
-            losses, restored = objective(lq * 2 - 1, hq * 2 - 1)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-        step, seen = step + 1, seen + hq.shape[0]
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        if frm_opt is not None:
-            with torch.no_grad():
-                terms["frm_start_score"] = float(frm_start(restored).mean())
-            if step % cfg.frm_update_every == 0:
-                with autocast(dev, cfg.precision):
-                    frm_loss, frm_acc = preference_step(frm, frm_opt, hq, restored, cfg.frm_grad_clip)
-                frm_updates += 1
-                terms.update(frm_loss=frm_loss, frm_accuracy=frm_acc)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = seen / (time.perf_counter() - t0)
-            log.write(step=step, images_per_s=round(rate, 3), lr=round(cfg.lr * _warmup(step - 1, cfg), 8), **{k: round(v, 6) for k, v in terms.items()})
-        if on_step:
-            on_step(step, terms)
-        if step % cfg.checkpoint_every == 0:
-            save()
-    save()
-    elapsed = time.perf_counter() - t0
-    finished = step >= cfg.steps
-    if finished:
-        model.save_lora(run_dir / LORA_FILE)
-        if frm_opt is not None:
-            frm.save_pretrained(run_dir / "frm_final")
-        export_final(model, run_dir / "final")
-    return {
-        "step": step,
-        "steps_this_run": step - start_step,
-        "finished": finished,
-        "seconds": round(elapsed, 1),
-        "images_per_s": round(seen / max(elapsed, 1e-9), 3),
-        "frm": "dynamic" if cfg.dynamic_frm else "frozen",
-        "frm_updates": frm_updates,
-        "last_losses": terms,
-    }
+    return run_training(ReflMethod(cfg), run_dir, device, resume, max_minutes, on_step)

@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from facerestore_cli.configfile import RunConfig
-from facerestore_cli.data.crops import AlignedFaces
+from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig, Degrader
+from facerestore_cli.errors import InputError
 from facerestore_cli.models.color import color_fix_unclamped, parse_color_fix
 from facerestore_cli.models.loading import load_model_for_training
 from facerestore_cli.models.perceptual import EncoderPerceptualLoss
@@ -83,7 +84,7 @@ class RestorerTrainConfig(RunConfig):
     steps: int = 2000
     batch_size: int = 8
     patch_size: int = 256
-    #: each training face is shrunk by one of these factors first (data.AlignedFaces): [1.0, 0.5]
+    #: each training face is shrunk by one of these factors first (data.crops.CropDataset): [1.0, 0.5]
     #: teaches the model the 256-px working size `restore --face-size auto` uses for small faces.
     scales: list[float] = field(default_factory=lambda: [1.0])
     lr: float = 2e-4
@@ -115,16 +116,18 @@ class RestorerTrainConfig(RunConfig):
 
     def validate(self) -> None:
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+            raise InputError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.stage != "restorer" and (self.lora_rank or self.losses.vsd or self.losses.perceptual or self.losses.gate or self.timestep is not None or self.skip_levels):
-            raise ValueError("lora_rank, timestep, skip_levels and the perceptual/vsd/gate losses belong to the restorer stage")
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.stage != "restorer" and (
+            self.lora_rank or self.losses.vsd or self.losses.perceptual or self.losses.gate or self.timestep is not None or self.skip_levels
+        ):
+            raise InputError("lora_rank, timestep, skip_levels and the perceptual/vsd/gate losses belong to the restorer stage")
         parse_color_fix(self.color_fix)
         if self.stage != "restorer" and self.color_fix != "none":
-            raise ValueError("color_fix belongs to the restorer stage")
+            raise InputError("color_fix belongs to the restorer stage")
         if not self.scales or not all(0 < s <= 1 for s in self.scales):
-            raise ValueError(f"scales must be factors in (0, 1], not {self.scales!r}")
+            raise InputError(f"scales must be factors in (0, 1], not {self.scales!r}")
 
 
 def unet_x0(model: OneStepRestorer, unet: torch.nn.Module, context: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +174,10 @@ class StageObjective(torch.nn.Module):
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(restored, hq)
         if self.prior is not None:
-            real_x0 = lambda z_t, t: unet_x0(self.model, self.prior, self.context, z_t, t)
+
+            def real_x0(z_t, t):
+                return unet_x0(self.model, self.prior, self.context, z_t, t)
+
             terms["vsd"] = vsd_loss(z, real_x0, fake_x0, self.model.scheduler, tuple(t_range))
         if self.weights.gate:
             terms["gate"] = self.model.skip_fusion.output_gate.last_gate.abs().mean()
@@ -190,7 +196,10 @@ class FakeScore(torch.nn.Module):
 
     def forward(self, z0: torch.Tensor) -> torch.Tensor:
         model = self.model[0]
-        fn = lambda z_t, t: self.unet(z_t, t, encoder_hidden_states=self.context.expand(z_t.shape[0], -1, -1)).sample
+
+        def fn(z_t, t):
+            return self.unet(z_t, t, encoder_hidden_states=self.context.expand(z_t.shape[0], -1, -1)).sample
+
         return diffusion_loss(fn, model.scheduler, z0.float())
 
     @torch.no_grad()
@@ -221,7 +230,7 @@ def freeze_modules(model: torch.nn.Module, prefixes: list[str]) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     if prefixes and not frozen:
-        raise ValueError(f"freeze: no parameters under {', '.join(prefixes)}")
+        raise InputError(f"freeze: no parameters under {', '.join(prefixes)}")
     return frozen
 
 
@@ -241,7 +250,7 @@ def _build_model(cfg: RestorerTrainConfig, ckpt: Path | None) -> tuple[OneStepRe
         model.add_skip_fusion(cfg.skip_levels)
     add_working_sizes(model, cfg.scales)
     if cfg.losses.gate and (model.skip_fusion is None or model.skip_fusion.output_gate is None):
-        raise ValueError(f"losses.gate needs the output gate: skip level {len(model.vae.decoder.up_blocks)} in skip_levels")
+        raise InputError(f"losses.gate needs the output gate: skip level {len(model.vae.decoder.up_blocks)} in skip_levels")
     freeze_modules(model, cfg.freeze)
     if cfg.lora_rank:
         model.add_lora(rank_unet=cfg.lora_rank, rank_vae=cfg.lora_rank)
@@ -261,7 +270,7 @@ def add_working_sizes(model: OneStepRestorer, scales: list[float]) -> None:
     try:
         model.config.validate()
     except ValueError as err:
-        raise ValueError(f"scales {scales}: {err}") from None
+        raise InputError(f"scales {scales}: {err}") from None
 
 
 class RestorerMethod(TrainingMethod):
@@ -288,8 +297,15 @@ class RestorerMethod(TrainingMethod):
 
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
-        data = AlignedFaces([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+        data = CropDataset([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
+        loader = DataLoader(
+            data,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+        )
         self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
         if self.fake is not None:
             self.fake, self.fake_opt = acc.prepare(self.fake, self.fake_opt)

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from facerestore_cli.configfile import RunConfig
 from facerestore_cli.data.autopairs import degrade_at
-from facerestore_cli.data.crops import AlignedFaces
+from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig, sample_params
+from facerestore_cli.errors import InputError
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.paths import DEFAULT_FRM, DEFAULT_RESTORER
 from facerestore_cli.rewards.frm import resize_for_model
@@ -78,9 +79,9 @@ class LoraTuningConfig(RunConfig):
 
     def validate(self) -> None:
         if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1 (only LoRA adapters are tuned), not {self.lora_rank}")
+            raise InputError(f"lora_rank must be at least 1 (only LoRA adapters are tuned), not {self.lora_rank}")
         if self.face_size < 32 or self.batch_size < 1 or self.steps < 1:
-            raise ValueError("face_size must be >= 32, batch_size and steps >= 1")
+            raise InputError("face_size must be >= 32, batch_size and steps >= 1")
 
 
 def accelerator(device: str):
@@ -96,11 +97,20 @@ def accelerator(device: str):
 
 def whole_face_loader(folders: list[str], batch_size: int, min_sharpness: float, num_workers: int) -> DataLoader:
     """Shuffled batches of whole aligned faces, as the reward fine-tuning loops (refl, lrpo) use them."""
-    data = AlignedFaces([Path(d) for d in folders], patch_size=None, min_sharpness=min_sharpness)
-    return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(data) >= batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    data = CropDataset([Path(d) for d in folders], patch_size=None, min_sharpness=min_sharpness)
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(data) >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
 
-def degraded_pair(hq: torch.Tensor, face_size: int, degradation: DegradationConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def degraded_pair(
+    hq: torch.Tensor, face_size: int, degradation: DegradationConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(HQ, LQ) at face_size in [0, 1]: the restorer's training degradation (DegradationConfig),
     its 512-px parameters scaled to face_size."""
     hq = resize_for_model(hq, face_size)
@@ -193,6 +203,7 @@ class TrainingMethod:
         self.cfg = cfg
         self.acc: Any = None
         self.opt: torch.optim.Optimizer | None = None
+        self.run_dir = Path()
 
     def build(self, ckpt: Path | None) -> None:
         raise NotImplementedError
@@ -257,6 +268,7 @@ def run_training(
     cfg, run_dir = method.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = method.acc = accelerator(device)
+    method.run_dir = run_dir
     torch.manual_seed(cfg.seed + acc.process_index)
     ckpt = find_checkpoint(run_dir) if resume else None
     method.build(ckpt)
@@ -267,14 +279,15 @@ def run_training(
     if acc.is_main_process:
         (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     method.start(step)
-    return _loop(method, run_dir, step, TimeBudget(max_minutes), on_step)
+    return _loop(method, run_dir, step, max_minutes, on_step)
 
 
-def _loop(method: TrainingMethod, run_dir: Path, step: int, budget: TimeBudget, on_step: Callable | None) -> RunResult:
+def _loop(method: TrainingMethod, run_dir: Path, step: int, max_minutes: float | None, on_step: Callable | None) -> RunResult:
     cfg, acc = method.cfg, method.acc
     log, main = JsonlLog(run_dir / "log.jsonl"), acc.is_main_process
     t0, seen, start_step, terms = time.perf_counter(), 0, step, {}
-    while step < cfg.steps and not budget.expired():
+    budget = TimeBudget(max_minutes)
+    while step < cfg.steps and not _out_of_time(acc, budget):
         terms, used = method.train_step(step)
         step, seen = step + 1, seen + used * acc.num_processes
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -294,6 +307,15 @@ def _loop(method: TrainingMethod, run_dir: Path, step: int, budget: TimeBudget, 
     acc.wait_for_everyone()
     rate = {method.rate_key: round(seen / max(elapsed, 1e-9), 3)}
     return RunResult(finished, step, step - start_step, round(elapsed, 1), terms, rate | method.results())
+
+
+def _out_of_time(acc, budget: TimeBudget) -> bool:
+    """Whether any process's budget has ended: all processes must stop at the same step, or one
+    would wait forever in the next step's gradient exchange."""
+    if acc.num_processes == 1:
+        return budget.expired()
+    flag = torch.tensor([float(budget.expired())], device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
 
 def _save(method: TrainingMethod, run_dir: Path, step: int) -> None:
