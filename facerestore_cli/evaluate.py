@@ -52,7 +52,7 @@ from facerestore_cli.metrics import (
     unavailable_metrics,
 )
 from facerestore_cli.metrics.identity import IdentityDistance, IdentitySimilarity
-from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
+from facerestore_cli.models.color import AUTO_COLOR_FIX, color_fix_for, parse_color_fix_choice
 from facerestore_cli.models.inference import by_size, restore_crops
 
 BASELINES = ("input", "bicubic_unsharp")
@@ -302,7 +302,7 @@ def produce_outputs(
         seconds[b] += time.perf_counter() - t0
     for label, model in restorers:
         t0 = time.perf_counter()
-        outputs[label] = _restore_mixed_sizes(model, batch.inputs, color_fix)
+        outputs[label] = _restore_mixed_sizes(model, batch.inputs, color_fix_for(model, color_fix))
         seconds[label] += time.perf_counter() - t0
     return outputs
 
@@ -366,7 +366,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 4,
-    color_fix: str = DEFAULT_COLOR_FIX,
+    color_fix: str = AUTO_COLOR_FIX,
     size: int | None = None,
     grid: Path | str | None = None,
     grid_rows: int = 6,
@@ -387,7 +387,7 @@ def evaluate(
     input_reference: also score the identity metrics against the degraded input, as
     `identity@input` / `identity_dist@input` (the `input` baseline is perfect there by construction).
     """
-    parse_color_fix(color_fix)
+    parse_color_fix_choice(color_fix)
     items, source = _find_items(pairs, lq, limit)
     have_gt = pairs is not None
     baselines = _check_baselines(baselines)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -77,35 +80,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(command: str, config, out: Path) -> tuple[str, list[dict]]:
-    """`torchrun --nproc_per_node 2 -m facerestore_cli.cli COMMAND` on the CPU (gloo), as on 2 GPUs:
-    the run config (a RunConfig) is written beside OUT; returns everything printed and OUT's log
-    rows. A failure shows the failing rank's traceback (it comes before the launcher's summary)."""
-    import os
-    import subprocess
-    import sys
+def torchrun_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m facerestore_cli.cli ARGS...` on the CPU (gloo), as on 2 GPUs,
+    one thread per process; what it printed comes back."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([*launcher, "-m", "facerestore_cli.cli", *args], capture_output=True, text=True, timeout=300, env=env)
 
+
+def run_torchrun(command: str, config, out: Path) -> tuple[str, list[dict]]:
+    """A training COMMAND under `torchrun_cli`: the run config (a RunConfig) is written beside OUT;
+    returns everything printed and OUT's log rows. A failure shows the failing rank's traceback
+    (it comes before the launcher's summary)."""
     cfg = out.parent / f"{out.name}_config.json"
     cfg.write_text(json.dumps(config.to_dict()))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "facerestore_cli.cli",
-        command,
-        "--config",
-        str(cfg),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun_cli(command, "--config", str(cfg), "--out", str(out), "--device", "cpu")
     assert done.returncode == 0, done.stderr[-8000:]
     return done.stdout + done.stderr, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 

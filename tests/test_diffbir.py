@@ -9,12 +9,13 @@ tensors back to upstream names. That renaming is itself checked against the full
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from upstream_fakes import TINY_SD as TINY
+from upstream_fakes import ldm_vae_key, tiny_sd_models, write_ldm_file
 
 from facerestore_cli.errors import FacerestoreError
 from facerestore_cli.models import controlnet as cn
@@ -24,106 +25,15 @@ from facerestore_cli.models.diffbir import PRESETS, DiffBIRRestorer, SamplerSett
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "upstream" / "keys"
 
-TINY = {
-    "unet": {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "block_out_channels": [16, 32, 32, 32],
-        "layers_per_block": 2,
-        "norm_num_groups": 8,
-        "cross_attention_dim": 32,
-        "attention_head_dim": [2, 2, 4, 4],
-        "use_linear_projection": True,
-    },
-    "vae": {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [8, 16, 16, 16],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "scaling_factor": 0.18215,
-    },
-    "text_encoder": {
-        "vocab_size": 49408,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-    },
-}
-
 
 # ------------------------------------------------------------------------------ tiny upstream files
-def ldm_vae_key(key: str, levels: int) -> str:
-    """diffusers AutoencoderKL name -> ldm `first_stage_model.` name (inverse of diffusers' converter)."""
-    key = key.replace("conv_norm_out", "norm_out")
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
-    if m:
-        part, way, i, kind, j, rest = m.groups()
-        idx = int(i) if way == "down" else levels - 1 - int(i)
-        if kind == "resnets":
-            return f"{part}.{way}.{idx}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
-        return f"{part}.{way}.{idx}.{way}sample.{rest}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", key)
-    if m:
-        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-        return f"{m[1]}.mid.attn_1.{names[m[2]]}.{m[3]}"
-    return key
-
-
-def ldm_vae_state(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
-    levels = len(vae.config.block_out_channels)
-    out = {}
-    for k, v in vae.state_dict().items():
-        name = ldm_vae_key(k, levels)
-        out[f"{sd21.LDM_VAE_PREFIX}{name}"] = v[:, :, None, None] if ".attn_1." in name and v.dim() == 2 else v
-    return out
-
-
-def openclip_state(text: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel -> OpenCLIP text-tower names under `cond_stage_model.model.`."""
-    p, sd, out = sd21.LDM_CLIP_PREFIX, text.state_dict(), {}
-    out[f"{p}token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
-    out[f"{p}positional_embedding"] = sd["embeddings.position_embedding.weight"]
-    for leaf in ("weight", "bias"):
-        out[f"{p}ln_final.{leaf}"] = sd[f"final_layer_norm.{leaf}"]
-    for i in range(text.config.num_hidden_layers):
-        a, b = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[f"{b}attn.in_proj_{leaf}"] = torch.cat([sd[f"{a}self_attn.{n}_proj.{leaf}"] for n in "qkv"])
-            for new, old in (
-                ("attn.out_proj", "self_attn.out_proj"),
-                ("ln_1", "layer_norm1"),
-                ("ln_2", "layer_norm2"),
-                ("mlp.c_fc", "mlp.fc1"),
-                ("mlp.c_proj", "mlp.fc2"),
-            ):
-                out[f"{b}{new}.{leaf}"] = sd[f"{a}{old}.{leaf}"]
-    width = text.config.hidden_size
-    out[f"{p}text_projection"] = torch.randn(width, width)
-    out[f"{p}logit_scale"] = torch.tensor(4.6052)
-    return out
 
 
 def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The tiny SD parts of upstream_fakes and a ControlNet whose output convs are not zero."""
+    from diffusers import ControlNetModel
 
-    torch.manual_seed(seed)
-    text_cfg = dict(TINY["text_encoder"], num_hidden_layers=TINY["text_encoder"]["num_hidden_layers"] + 1)
+    models = tiny_sd_models(seed)
     net = ControlNetModel(**cn.controlnet_config(TINY["unet"]))
     with torch.no_grad():  # diffusers zero-initialises the output convs: make the residuals count
         for name, p in net.named_parameters():
@@ -131,19 +41,11 @@ def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
                 p.normal_(0, 0.05)
             elif name.startswith(cn.HINT_PREFIX):
                 p.zero_()
-    return {
-        "unet": UNet2DConditionModel(**TINY["unet"]),
-        "vae": AutoencoderKL(**TINY["vae"]),
-        "text": CLIPTextModel(CLIPTextConfig(**text_cfg)),  # one block more, as SD 2 drops the last
-        "controlnet": net,
-    }
+    return {**models, "controlnet": net}
 
 
 def write_tiny_files(root: Path, models: dict[str, torch.nn.Module]) -> dict[str, Path]:
-    unet = {f"{sd21.LDM_UNET_PREFIX}{cn.diffusers_to_ldm_key(k)}": v for k, v in models["unet"].state_dict().items()}
-    sd = {"state_dict": {**unet, **ldm_vae_state(models["vae"]), **openclip_state(models["text"]), "betas": torch.linspace(0.1, 0.2, 1000)}}
-    paths = {"sd": root / "v2-1_512-ema-pruned.ckpt", "controlnet": root / "v1_face.pth"}
-    torch.save(sd, paths["sd"])
+    paths = {"sd": write_ldm_file(root / "v2-1_512-ema-pruned.ckpt", models), "controlnet": root / "v1_face.pth"}
     cn.save_controlnet(models["controlnet"], paths["controlnet"])
     return paths
 

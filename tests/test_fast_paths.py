@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fakes import assert_images_close, face_like, free_port, randomize_fusion, tiny_model_config
+from fakes import assert_images_close, face_like, randomize_fusion, tiny_model_config, torchrun_cli
 
 from facerestore_cli.cli import main
 from facerestore_cli.io.images import read_image
@@ -238,31 +237,8 @@ def test_merged_summary_adds_counts_and_keeps_one_copy_of_shared_errors() -> Non
 
 
 def torchrun_restore(model_dir: Path, src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "facerestore_cli.cli",
-        "restore",
-        str(src),
-        "-o",
-        str(out),
-        "--aligned",
-        "--device",
-        "cpu",
-        "--model",
-        str(model_dir),
-        "--batch-size",
-        "2",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    options = ["-o", str(out), "--aligned", "--device", "cpu", "--model", str(model_dir), "--batch-size", "2"]
+    return torchrun_cli("restore", str(src), *options, *extra)
 
 
 def summary_row(output: str, name: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from fakes import randomize_fusion, tiny_model_config
+from upstream_fakes import osediff_module_lists, write_osediff_pkl
 
 from facerestore_cli.models import configs
 from facerestore_cli.models.loading import load_model_folder
@@ -376,90 +377,17 @@ def test_load_sd21_folder(sd_folder: Path, tmp_path: Path) -> None:
         assert torch.equal(OneStepRestorer.from_pretrained(tmp_path / "converted")(x), out)
 
 
-_OSEDIFF_UNET_GREP = [
-    "to_k",
-    "to_q",
-    "to_v",
-    "to_out.0",
-    "conv",
-    "conv1",
-    "conv2",
-    "conv_in",
-    "conv_shortcut",
-    "conv_out",
-    "proj_out",
-    "proj_in",
-    "ff.net.2",
-    "ff.net.0.proj",
-]
-_OSEDIFF_VAE_GREP = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0"]
-
-
-def _osediff_module_lists(unet: torch.nn.Module, vae: torch.nn.Module) -> dict[str, list[str]]:
-    """Target lists chosen the way OSEDiff's initialize_unet/initialize_vae choose them (duplicates included)."""
-    enc, dec, oth, venc = [], [], [], []
-    for n, _ in unet.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pat in _OSEDIFF_UNET_GREP:
-            if pat in n:
-                if "down_blocks" in n or "conv_in" in n:
-                    bucket = enc
-                elif "up_blocks" in n or "conv_out" in n:
-                    bucket = dec
-                else:
-                    bucket = oth
-                bucket.append(n.replace(".weight", ""))
-                break
-    for n, _ in vae.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pat in _OSEDIFF_VAE_GREP:  # no break upstream: a name is appended once per matching pattern
-            if pat in n and "encoder" in n:
-                venc.append(n.replace(".weight", ""))
-            elif "quant_conv" in n and "post_quant_conv" not in n:
-                venc.append(n.replace(".weight", ""))
-    return {
-        "unet_lora_encoder_modules": enc,
-        "unet_lora_decoder_modules": dec,
-        "unet_lora_others_modules": oth,
-        "vae_lora_encoder_modules": venc,
-    }
-
-
 def _fake_osediff_pkl(root: Path, out: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
-    """Train-free stand-in for an OSEDiff checkpoint: adapters added and saved the way OSEDiff does."""
-    from peft import LoraConfig
-
-    vae = AutoencoderKL.from_pretrained(root / "vae")
-    unet = UNet2DConditionModel.from_pretrained(root / "unet")
-    lists = _osediff_module_lists(unet, vae)
-    for key, adapter in (
-        ("unet_lora_encoder_modules", "default_encoder"),
-        ("unet_lora_decoder_modules", "default_decoder"),
-        ("unet_lora_others_modules", "default_others"),
-    ):
-        unet.add_adapter(LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists[key]), adapter_name=adapter)
-    unet.set_adapter(["default_encoder", "default_decoder", "default_others"])
-    vae.add_adapter(
-        LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists["vae_lora_encoder_modules"]), adapter_name="default_encoder"
-    )
-    randomize_lora(unet, seed=5)
-    randomize_lora(vae, seed=6)
-    with torch.no_grad():
-        unet.conv_in.base_layer.weight.add_(torch.randn_like(unet.conv_in.base_layer.weight) * 0.05)
-    ckpt = dict(lists)
-    ckpt["rank_unet"] = ckpt["rank_vae"] = 4
-    ckpt["state_dict_unet"] = {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k}
-    ckpt["state_dict_vae"] = {k: v for k, v in vae.state_dict().items() if "lora" in k}
-    torch.save(ckpt, out)
+    """An OSEDiff checkpoint for the SD folder's weights (upstream_fakes), and the adapted VAE and
+    UNet an OSEDiff forward runs on."""
+    unet, vae = write_osediff_pkl(out, UNet2DConditionModel.from_pretrained(root / "unet"), AutoencoderKL.from_pretrained(root / "vae"))
     return vae.eval(), unet.eval()
 
 
 def test_osediff_targets_match_upstream_rules(sd_folder: Path) -> None:
     vae = AutoencoderKL.from_pretrained(sd_folder / "vae")
     unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
-    lists = _osediff_module_lists(unet, vae)
+    lists = osediff_module_lists(unet, vae)
     groups = unet_lora_target_groups(unet)
     for part in ("encoder", "decoder", "others"):
         assert groups[part] == list(dict.fromkeys(lists[f"unet_lora_{part}_modules"]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fakes import TINY_FRM, face_like
+from fakes import TINY_FRM, face_like, run_torchrun
 
 from facerestore_cli.cli import main
 from facerestore_cli.data.annotations import Pair, load_pair_files, split_pairs, write_pairs
@@ -228,3 +228,15 @@ def test_kind_sampling_draws_rare_kinds_more_often(sharp_vs_blurred: Path) -> No
     assert hits >= 15, f"the rare pair ({rare.name}) was drawn {hits} times of 64"
     with pytest.raises(ValueError, match="kind_sampling weights must be positive"):
         FrmTrainConfig.from_dict({"kind_sampling": {"x": 0}})
+
+
+def test_two_process_frm_training_through_torchrun(sharp_vs_blurred: Path, tmp_path: Path) -> None:
+    """train-frm runs under torchrun like the other training commands: each process trains on its
+    rows of the same batches with gradients averaged, so both make the same steps; only the main
+    process logs, reports and saves (2 CPU processes, gloo)."""
+    cfg = FrmTrainConfig.from_file(write_config(tmp_path / "frm.toml", sharp_vs_blurred, steps=10, val_every=10))
+    printed, rows = run_torchrun("train-frm", cfg, tmp_path / "run")
+    assert printed.count("train-frm summary") == 1, "only the main process reports"
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [10]
+    assert FaceRewardModel.from_pretrained(tmp_path / "run" / "final").config.image_size == TINY_FRM["image_size"]

@@ -7,27 +7,13 @@ from pathlib import Path
 
 import click
 
-from facerestore_cli.commands.ui import console, device_option, user_errors
+from facerestore_cli.commands.ui import console, device_option, model_options, user_errors
 
 
 @click.command("export")
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].",
-)
-@click.option(
-    "--lora",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="LoRA adapter (.safetensors), merged into the exported weights.",
-)
-@click.option(
-    "--osediff",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.",
+@model_options(
+    "LoRA adapter (.safetensors), merged into the exported weights.",
+    "Restorer folder, or a Stable Diffusion 2.1-base folder with --osediff [default: bundled weights/restorer-tiny].",
 )
 @click.option(
     "--format",
@@ -70,8 +56,8 @@ def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch
     from facerestore_cli.export.source import ModelSource
     from facerestore_cli.models.loading import DEFAULT_MODEL
 
-    source = ModelSource(model or DEFAULT_MODEL, lora, osediff)
     with user_errors():
+        source = ModelSource(model or DEFAULT_MODEL, lora, osediff)
         dev = resolve_device(device)
         with console.status(f"exporting {source.model} to {fmt}"):
             if fmt == "onnx":

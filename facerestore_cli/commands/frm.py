@@ -22,6 +22,7 @@ from facerestore_cli.commands.ui import (
     progress_bar,
     run_device,
     run_options,
+    secondary_process,
     user_errors,
 )
 from facerestore_cli.errors import InputError
@@ -174,6 +175,10 @@ def train_frm_cmd(config_path, run_dir, pairs, steps, device, resume, max_minute
 
     cfg = load_run_config(FrmTrainConfig, config_path, steps, "pairs", pairs, "no pair files: give --pairs or set `pairs` in the config")
     dev = run_device(device)
+    if secondary_process():
+        with user_errors():
+            train_frm(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
+        return
     with user_errors():
         with progress_bar() as progress:
             task = progress.add_task("training", total=cfg.steps)

@@ -138,7 +138,7 @@ def _records(paths: dict[str, Path], old: ModelFile | None) -> dict[str, FileRec
 
 
 def _write(model: PublishedModel, paths: dict[str, Path], old: ModelFile | None, how: str) -> Path:
-    entry = ModelFile(kind=model.kind, **{s: paths[s] for s in model.slots})
+    entry = ModelFile(kind=model.kind, preset=model.preset, **{s: paths[s] for s in model.slots})
     entry.files = _records(paths, old)
     entry.meta = {"name": model.name, "paper": model.paper, "written_by": f"facerestore models {how}"}
     path = entry.write(model_file_path(model.name))

@@ -18,8 +18,10 @@ from facerestore_cli.commands.ui import (
     color_fix_option,
     console,
     device_option,
+    model_options,
     print_run_summary,
     progress_bar,
+    sampling_options,
     user_errors,
 )
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
@@ -80,24 +82,7 @@ def print_summary(summary) -> None:
 @click.option(
     "-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Output folder (input folder structure is kept)."
 )
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Restorer folder, or a Stable Diffusion 2.1-base folder [default: bundled weights/restorer-tiny].",
-)
-@click.option(
-    "--osediff",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="Upstream OSEDiff checkpoint (.pkl) applied to an SD 2.1-base --model.",
-)
-@click.option(
-    "--lora",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.",
-)
+@model_options("LoRA adapter (.safetensors) from refl/lrpo, merged before restoring.")
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="fp16 needs CUDA.")
 @click.option(
@@ -109,8 +94,9 @@ def print_summary(summary) -> None:
     help="Faces restored per model call; also how many photos are read and restored together (their faces share batches). auto: on a CPU 1 at 512 px, 4 at 256 (what measured fastest on 2 cores), on a GPU 4.",
 )
 @color_fix_option(
-    "Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain)."
+    "Keep the input's colours and shapes: its low frequencies below the restorer's N finest wavelet bands (wavelet = wavelet:3; wavelet:5 lets the model redraw more of a badly degraded face, at some cost to identity), or its channel statistics (adain). auto: wavelet for one-step models, none for DiffBIR-kind models (they fix colours against their stage-1 output themselves)."
 )
+@sampling_options
 @click.option("--upscale", type=click.FloatRange(1, 8), default=1.0, show_default=True, help="Scale the whole image by this factor.")
 @click.option("--only-center-face", is_flag=True, help="Restore only the face nearest the image centre.")
 @click.option("--aligned", is_flag=True, help="Inputs are already aligned face crops (FFHQ layout).")
@@ -173,6 +159,7 @@ def restore(
     precision,
     batch_size,
     color_fix,
+    sampling,
     upscale,
     only_center_face,
     aligned,
@@ -222,6 +209,7 @@ def restore(
                 engine_file=engine_path,
                 precision=precision,
                 compile=compile_model,
+                sampling=sampling,
             ),
             DetectionSettings(detector=detector, threshold=det_threshold, min_face_size=min_face_size),
             FaceSettings(batch_size=batch_size, color_fix=color_fix, frame_path=frame_path, face_size=face_size),

@@ -3,6 +3,7 @@ summary tables, option callbacks, and the options of the long-running training c
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.progress import (
 )
 
 from facerestore_cli.errors import FacerestoreError
-from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
+from facerestore_cli.models.color import AUTO_COLOR_FIX, parse_color_fix_choice
 
 console = Console(stderr=True)
 
@@ -62,15 +63,72 @@ def checked(parse: Callable[[str], object], keep_text: bool = False) -> Callable
 
 
 def color_fix_option(help: str):
-    """--color-fix, as `restore` and `eval` share it: wavelet[:N], adain or none."""
+    """--color-fix, as `restore` and `eval` share it: auto, wavelet[:N], adain or none."""
     return click.option(
         "--color-fix",
-        default=DEFAULT_COLOR_FIX,
+        default=AUTO_COLOR_FIX,
         show_default=True,
-        metavar="wavelet[:N]|adain|none",
-        callback=checked(parse_color_fix, keep_text=True),
+        metavar="auto|wavelet[:N]|adain|none",
+        callback=checked(parse_color_fix_choice, keep_text=True),
         help=help,
     )
+
+
+MODEL_HELP = (
+    "A published model's name (see `facerestore models`) or model file (.toml), a restorer folder, "
+    "or Stable Diffusion 2.1-base (a diffusers folder or the ldm .ckpt) [default: bundled weights/restorer-tiny]."
+)
+
+
+def model_options(lora_help: str, model_help: str = MODEL_HELP) -> Callable:
+    """--model, --osediff and --lora, as every command that runs a restorer takes them."""
+    options = [
+        click.option("--model", type=click.Path(path_type=Path), default=None, help=model_help),
+        click.option(
+            "--osediff",
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            default=None,
+            help="Upstream OSEDiff checkpoint (.pkl) applied to a Stable Diffusion 2.1-base --model.",
+        ),
+        click.option("--lora", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help=lora_help),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def sampling_options(f: Callable) -> Callable:
+    """--steps, --sampler, --eta and --seed: a multi-step (diffbir-v1) model's sampling, each
+    defaulting to its paper's (DiffBIR v1: spaced 50; DiffusionReward: DDIM 50, eta 1; LRPO: DDIM
+    50, eta 0.8); the command gets them as one `sampling` dict of the options given."""
+    options = [
+        click.option(
+            "--steps", type=click.IntRange(1, 1000), default=None, help="Sampling steps of a multi-step model [default: its paper's, 50]."
+        ),
+        click.option(
+            "--sampler", type=click.Choice(["ddim", "spaced"]), default=None, help="Sampler of a multi-step model [default: its paper's]."
+        ),
+        click.option("--eta", type=click.FloatRange(0, 1), default=None, help="DDIM eta of a multi-step model [default: its paper's]."),
+        click.option(
+            "--seed",
+            type=int,
+            default=None,
+            help="Noise seed of a multi-step model; the same seed gives the same output [default: its paper's].",
+        ),
+    ]
+
+    def collect(**kwargs: Any) -> Any:
+        given = {k: kwargs.pop(k) for k in ("steps", "sampler", "eta", "seed")}
+        return f(**kwargs, sampling={k: v for k, v in given.items() if v is not None})
+
+    collect = functools.wraps(f)(collect)
+    for option in reversed(options):
+        collect = option(collect)
+    return collect
 
 
 def progress_bar() -> Progress:

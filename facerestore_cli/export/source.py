@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from facerestore_cli.errors import MissingFileError
+from facerestore_cli.errors import InputError, MissingFileError
 from facerestore_cli.models.configs import get_config
 from facerestore_cli.models.lora import read_lora_metadata
+from facerestore_cli.models.model_file import resolve_model_value
 from facerestore_cli.models.restorer import CONFIG_FILE, OneStepRestorer
 
 #: Sub-folders that hold weights/configs the restorer loads (an SD folder's text encoder only
@@ -33,6 +34,13 @@ class ModelSource:
     lora: Path | None = None
     osediff: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if resolve_model_value(self.model) is not None:
+            raise InputError(
+                f"{self.model} is a published model: exported engines are made from restorer folders (and SD 2.1 folders with"
+                " --osediff) for now; run it with --backend torch"
+            )
 
     def fingerprint(self) -> str:
         """16 hex digits over the model folder's files and the LoRA/OSEDiff files (computed once)."""

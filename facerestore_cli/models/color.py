@@ -26,6 +26,8 @@ DEFAULT_COLOR_FIX = "wavelet"
 #: detail bands the restorer supplies under plain "wavelet" (see the module docstring).
 DEFAULT_WAVELET_LEVELS = 3
 MAX_WAVELET_LEVELS = 8
+#: `--color-fix auto`: the model's own choice (`default_color_fix`), else DEFAULT_COLOR_FIX.
+AUTO_COLOR_FIX = "auto"
 
 
 def parse_color_fix(spec: str) -> tuple[str, int]:
@@ -39,6 +41,21 @@ def parse_color_fix(spec: str) -> tuple[str, int]:
     if not levels.isdigit() or not 1 <= int(levels) <= MAX_WAVELET_LEVELS:
         raise InputError(allowed)
     return method, int(levels)
+
+
+def parse_color_fix_choice(spec: str) -> str:
+    """A `--color-fix` value: "auto" or a spec `parse_color_fix` accepts (InputError otherwise)."""
+    if spec != AUTO_COLOR_FIX:
+        parse_color_fix(spec)
+    return spec
+
+
+def color_fix_for(model: object, choice: str) -> str:
+    """The colour fix to run after `model`: `choice`, or for "auto" the model's `default_color_fix`
+    (a multi-step DiffBIR model fixes its colours itself against its stage-1 output)."""
+    if choice == AUTO_COLOR_FIX:
+        return getattr(model, "default_color_fix", DEFAULT_COLOR_FIX)
+    return choice
 
 
 def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:

@@ -74,6 +74,8 @@ PRESETS: dict[str, SamplerSettings] = {
     "diffusionreward": SamplerSettings("ddim", 50, 1.0, 231),
     "lrpo": SamplerSettings("ddim", 50, 0.8, 232),
 }
+#: The preset of a model file that names none: DiffBIR v1's own.
+DEFAULT_PRESET = "diffbir_v1"
 
 
 def preset_settings(name: str) -> SamplerSettings:
@@ -134,6 +136,9 @@ class DiffBIRRestorer(nn.Module):
     """
 
     takes_any_size = True
+    #: `--color-fix auto` for this model: none, since it applies DiffBIR's own wavelet fix
+    #: against the stage-1 output (a second fix against the degraded input would undo it).
+    default_color_fix = "none"
 
     def __init__(
         self,

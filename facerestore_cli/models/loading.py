@@ -1,20 +1,27 @@
 """The one place that turns a `--model` value into a restorer.
 
-A `--model` is the bundled default (None), a restorer folder (`save_pretrained`), or a Stable
-Diffusion 2.1-base diffusers folder, optionally with upstream OSEDiff LoRA weights; a LoRA from
-`refl`/`lrpo` may be merged on top. `restore`, `eval`, `export`, `frm-pairs` and the training
-commands all load through here, so a value means the same to every command.
+A `--model` is the bundled default (None), a restorer folder (`save_pretrained`), a Stable
+Diffusion 2.1-base diffusers folder (optionally with upstream OSEDiff LoRA weights), or a
+published model: a model file (`*.toml`, models/model_file.py) or the name of one in the store
+(`facerestore models pull/import`). A LoRA from `refl`/`lrpo` may be merged on top of a one-step
+model. `restore`, `eval`, `export`, `frm-pairs` and the training commands all load through here,
+so a value means the same to every command.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from facerestore_cli.errors import MissingFileError
+from facerestore_cli.errors import InputError, MissingFileError
+from facerestore_cli.models.diffbir import DEFAULT_PRESET, DiffBIRRestorer
+from facerestore_cli.models.model_file import ModelFile, resolve_model_value, store_dir
+from facerestore_cli.models.published import not_installed_hint
 from facerestore_cli.models.restorer import CONFIG_FILE, OneStepRestorer
-from facerestore_cli.models.upstream import load_osediff_checkpoint, load_sd21_folder
+from facerestore_cli.models.upstream import load_osediff, load_osediff_checkpoint, load_sd21_restorer
 from facerestore_cli.paths import DEFAULT_RESTORER
 
 DEFAULT_MODEL = DEFAULT_RESTORER
@@ -23,32 +30,82 @@ DEFAULT_MODEL = DEFAULT_RESTORER
 def load_model_folder(
     directory: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> OneStepRestorer:
-    """A restorer folder, or a Stable Diffusion 2.1-base folder (vae/ + unet/, no restorer config)
-    made into the one-step restorer of its parts."""
+    """A restorer folder, or Stable Diffusion 2.1-base (a diffusers folder with vae/ + unet/ and
+    no restorer config, or the ldm single file) made into the one-step restorer of its parts."""
     root = Path(directory)
+    if root.is_file():
+        return load_sd21_restorer(root, cache_dir=prompt_cache_dir(), device=device, dtype=torch_dtype)
     if root.is_dir() and not (root / CONFIG_FILE).is_file():
         if (root / "unet").is_dir() and (root / "vae").is_dir():
-            return load_sd21_folder(root, torch_dtype=torch_dtype, device=device)
+            return load_sd21_restorer(root, cache_dir=prompt_cache_dir(), device=device, dtype=torch_dtype)
         raise MissingFileError(f"{root} is not a restorer folder (no {CONFIG_FILE}, no vae/ + unet/)")
     return OneStepRestorer.from_pretrained(root, torch_dtype=torch_dtype, device=device)
 
 
 def load_restorer(
-    model: str | Path | None, lora: Path | None, device: torch.device, dtype: torch.dtype, osediff: Path | None = None
-) -> OneStepRestorer:
+    model: str | Path | None,
+    lora: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    osediff: Path | None = None,
+    sampling: Mapping[str, Any] | None = None,
+) -> OneStepRestorer | DiffBIRRestorer:
     """Load the restorer (bundled default when None) and merge an optional LoRA.
 
-    `model` is a restorer folder (`save_pretrained`), or a Stable Diffusion 2.1-base diffusers
-    folder, optionally with upstream OSEDiff LoRA weights (`osediff`, their .pkl).
+    `model` is a restorer folder (`save_pretrained`), a Stable Diffusion 2.1-base diffusers
+    folder, optionally with upstream OSEDiff LoRA weights (`osediff`, their .pkl), or a published
+    model (model file or store name). `sampling` (steps, sampler, eta, seed) overrides a
+    multi-step model's preset; a one-step model refuses it.
     """
+    spec = resolve_model_value(model) if model else None
+    if spec is not None:
+        return _load_published(spec, lora, osediff, device, dtype, dict(sampling or {}))
+    if sampling:
+        raise InputError(
+            f"--{next(iter(sampling))} is for multi-step models (a diffbir-v1 model file); {model or DEFAULT_MODEL} restores in one step"
+        )
+    if model and not Path(model).exists() and (hint := not_installed_hint(str(model))):
+        raise MissingFileError(hint)
     restorer = load_model_folder(Path(model) if model else DEFAULT_MODEL, torch_dtype=torch.float32)
     if osediff:
         load_osediff_checkpoint(restorer, osediff)
         restorer.merge_lora()
+    return _with_lora(restorer, lora).to(device=device, dtype=dtype).eval()
+
+
+def _load_published(
+    spec: ModelFile, lora: Path | None, osediff: Path | None, device: torch.device, dtype: torch.dtype, sampling: dict[str, Any]
+) -> OneStepRestorer | DiffBIRRestorer:
+    """The restorer a model file names, on `device` in `dtype`, with its paper's settings."""
+    where = spec.path or spec.kind
+    if osediff is not None:
+        raise InputError(f"--osediff goes with a diffusers SD 2.1 folder; {where} names its files itself")
+    if spec.kind == "frm":
+        raise InputError(f"{where} is a Face Reward Model, not a restorer: use it with score, refl or lrpo")
+    if spec.kind == "diffbir-v1":
+        if lora is not None:
+            raise InputError(f"--lora is for one-step models; {where} is a multi-step ControlNet model")
+        preset = spec.preset or DEFAULT_PRESET
+        model = DiffBIRRestorer.from_files(
+            spec.sd, spec.controlnet, spec.swinir, preset=preset, device=device, dtype=dtype, cache_dir=prompt_cache_dir(), **sampling
+        )
+        return model.eval()
+    restorer = load_osediff(spec.sd, spec.osediff, cache_dir=prompt_cache_dir(), device="cpu", dtype=torch.float32)
+    return _with_lora(restorer, lora).to(device=device, dtype=dtype).eval()
+
+
+def _with_lora(restorer: OneStepRestorer, lora: Path | None) -> OneStepRestorer:
+    """A refl/lrpo LoRA merged into a one-step restorer (in fp32, before any cast)."""
     if lora:
         restorer.load_lora(lora)
         restorer.merge_lora()
-    return restorer.to(device=device, dtype=dtype).eval()
+    return restorer
+
+
+def prompt_cache_dir() -> Path:
+    """Where the empty prompt's text embedding of an SD checkpoint is kept between runs: encoding
+    it reads the 1.4 GB text tower out of the checkpoint, which need happen once."""
+    return store_dir() / "prompts"
 
 
 def load_model_for_training(spec: str) -> OneStepRestorer:

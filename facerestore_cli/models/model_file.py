@@ -6,7 +6,8 @@
     controlnet = "diffbir_refl.pt"
 
 Relative paths are relative to the model file, so a folder holding the file and its checkpoints
-can be moved as one. Optional parts: `base` (another model file or store name whose slots fill
+can be moved as one. Optional parts: `preset` (a diffbir-v1 model's sampler defaults, the
+paper's: diffbir_v1, diffusionreward or lrpo; diffbir_v1 when absent), `base` (another model file or store name whose slots fill
 the ones not given here, e.g. a fine-tuned ControlNet on top of `diffbir-v1-face`), `[files.SLOT]`
 tables recording each file's sha256 and size, and a `[meta]` table of free text.
 
@@ -34,7 +35,7 @@ KIND_SLOTS: dict[str, tuple[str, ...]] = {
     "frm": ("frm",),
 }
 ALL_SLOTS: tuple[str, ...] = ("sd", "swinir", "controlnet", "osediff", "frm")
-OTHER_KEYS = ("kind", "base", "files", "meta")
+OTHER_KEYS = ("kind", "base", "preset", "files", "meta")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_BASE_DEPTH = 8
@@ -94,6 +95,8 @@ class ModelFile:
     osediff: Path | None = None
     frm: Path | None = None
     base: str | None = None
+    #: The sampler defaults of a diffbir-v1 model (`models.diffbir.PRESETS`); None: diffbir_v1.
+    preset: str | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
     #: The file this was read from (None when built in code).
@@ -129,6 +132,8 @@ class ModelFile:
         lines = [f"kind = {_quote(self.kind)}"]
         if self.base:
             lines.append(f"base = {_quote(self.base)}")
+        if self.preset:
+            lines.append(f"preset = {_quote(self.preset)}")
         for slot, p in self.slot_paths().items():
             lines.append(f"{slot} = {_quote(_portable(p, relative_to))}")
         for slot, rec in self.files.items():
@@ -200,6 +205,10 @@ def _read(path: Path, depth: int, seen: tuple[Path, ...]) -> ModelFile:
             raise InputError(f"{path}: {slot} must be a path (a non-empty string)")
         p = Path(value).expanduser()
         setattr(model, slot, p if p.is_absolute() else path.parent.absolute() / p)
+    preset = data.get("preset")
+    if preset is not None and (kind != "diffbir-v1" or not isinstance(preset, str)):
+        raise InputError(f'{path}: preset is the sampler preset of a diffbir-v1 model (a name, e.g. "diffusionreward")')
+    model.preset = preset
     model.files = _records(path, data.get("files", {}), slots)
     model.meta = _meta(path, data.get("meta", {}))
     base = data.get("base")
@@ -230,6 +239,7 @@ def _fill_from_base(model: ModelFile, path: Path, depth: int, seen: tuple[Path, 
     base = _read(base_path, depth + 1, seen + (key,))
     if base.kind != model.kind:
         raise InputError(f"{path}: base {model.base!r} is a {base.kind} model, not {model.kind}")
+    model.preset = model.preset or base.preset
     for slot in model.slots:
         if getattr(model, slot) is None:
             setattr(model, slot, getattr(base, slot))

@@ -82,6 +82,8 @@ class PublishedModel:
     kind: str
     description: str
     files: tuple[PublishedFile, ...]
+    #: The sampler its paper restores with (models.diffbir.PRESETS), for diffbir-v1 models.
+    preset: str | None = None
 
     def file(self, slot: str) -> PublishedFile:
         return next(f for f in self.files if f.slot == slot)
@@ -156,6 +158,7 @@ PUBLISHED: tuple[PublishedModel, ...] = (
         "diffbir-v1",
         "SwinIR + SD 2.1 + IRControlNet, 50 steps",
         (SD21, SWINIR_FACE, V1_FACE),
+        "diffbir_v1",
     ),
     PublishedModel(
         "diffusionreward",
@@ -163,12 +166,23 @@ PUBLISHED: tuple[PublishedModel, ...] = (
         "diffbir-v1",
         "DiffBIR ControlNet fine-tuned with ReFL",
         (SD21, SWINIR_FACE, DIFFBIR_REFL),
+        "diffusionreward",
     ),
     PublishedModel(
-        "lrpo-fidelity", "LRPO (2025)", "diffbir-v1", "DiffBIR ControlNet after LRPO, fidelity-oriented", (SD21, SWINIR_FACE, LRPO_FIDELITY)
+        "lrpo-fidelity",
+        "LRPO (2025)",
+        "diffbir-v1",
+        "DiffBIR ControlNet after LRPO, fidelity-oriented",
+        (SD21, SWINIR_FACE, LRPO_FIDELITY),
+        "lrpo",
     ),
     PublishedModel(
-        "lrpo-perception", "LRPO (2025)", "diffbir-v1", "LRPO without likelihood regularisation", (SD21, SWINIR_FACE, LRPO_PERCEPTION)
+        "lrpo-perception",
+        "LRPO (2025)",
+        "diffbir-v1",
+        "LRPO without likelihood regularisation",
+        (SD21, SWINIR_FACE, LRPO_PERCEPTION),
+        "lrpo",
     ),
     PublishedModel("face-reward-model", "DiffusionReward (2025)", "frm", "Face Reward Model for score / refl / lrpo", (FRM_FILE,)),
 )

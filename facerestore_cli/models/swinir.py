@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from facerestore_cli.errors import InputError
 from facerestore_cli.models.checkpoints import CheckpointError, check_keys, load_state_dict
+from facerestore_cli.models.sd21 import cast_module
 
 #: The published config (DiffBIR `configs/inference/swinir.yaml`, SPEC §2.4).
 FACE_SWINIR_V1: dict[str, Any] = {
@@ -332,4 +333,4 @@ def load_face_swinir(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise CheckpointError("swinir", path, f"cannot load: {str(err).splitlines()[0]}") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cast_module(model, device, dtype).eval().requires_grad_(False)

@@ -19,7 +19,7 @@ from facerestore_cli.faces.align import estimate_affine, face_extent, working_si
 from facerestore_cli.faces.detector import build_detector
 from facerestore_cli.faces.face import Detector, Face
 from facerestore_cli.io.images import resize_image
-from facerestore_cli.models.color import DEFAULT_COLOR_FIX, parse_color_fix
+from facerestore_cli.models.color import DEFAULT_COLOR_FIX, color_fix_for, parse_color_fix
 from facerestore_cli.models.inference import (
     CompiledRestorer,
     RestoreModel,
@@ -114,6 +114,7 @@ class FaceRestorer:
         frame_path: str = "auto",
         face_size: str | int = "auto",
     ):
+        color_fix = color_fix_for(model, color_fix)
         parse_color_fix(color_fix)  # a bad spec fails here, before any file is read
         self.model, self.detector, self.color_fix = model, detector, color_fix
         self.sizes = face_sizes_for(model, face_size)
@@ -204,7 +205,14 @@ def load_restore_model(
     if choice.backend == "torch":
         if choice.engine_file is not None:
             raise InputError("--engine needs --backend onnx or tensorrt")
-        return fast_torch_model(load_restorer(choice.model, choice.lora, device, dtype, choice.osediff), choice.compile, warn)
+        restorer = load_restorer(choice.model, choice.lora, device, dtype, choice.osediff, choice.sampling)
+        if not isinstance(restorer, OneStepRestorer):
+            if choice.compile:
+                raise InputError(f"--compile is for one-step models for now; {choice.model} is a multi-step model")
+            return restorer
+        return fast_torch_model(restorer, choice.compile, warn)
+    if choice.sampling:
+        raise InputError(f"--{next(iter(choice.sampling))} is for multi-step models, which run with --backend torch")
     if choice.compile:
         raise InputError(f"--compile is for --backend torch; --backend {choice.backend} is compiled already")
     from facerestore_cli.export.backends import load_backend

@@ -7,12 +7,14 @@ Settings travel as keyword-only dataclasses, one per concern: which model runs a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from facerestore_cli.errors import InputError
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
-from facerestore_cli.models.color import DEFAULT_COLOR_FIX
+from facerestore_cli.models.color import AUTO_COLOR_FIX
 
 
 def _auto_or_int(value: str | int, minimum: int, what: str) -> str | int:
@@ -38,7 +40,8 @@ def parse_batch_size(value: str | int) -> str | int:
 @dataclass(frozen=True, kw_only=True)
 class ModelChoice:
     """Which restorer runs and how: `--model` (None: the bundled one), `--lora`, `--osediff`,
-    `--backend`, `--engine` (an exported ONNX/TensorRT file), `--precision`, `--compile`."""
+    `--backend`, `--engine` (an exported ONNX/TensorRT file), `--precision`, `--compile`, and a
+    multi-step model's sampling (`--steps`, `--sampler`, `--eta`, `--seed`)."""
 
     model: str | Path | None = None
     lora: Path | None = None
@@ -47,6 +50,8 @@ class ModelChoice:
     engine_file: Path | None = None
     precision: str = "fp32"
     compile: bool = False
+    #: --steps, --sampler, --eta, --seed given for a multi-step model (the rest: its paper's).
+    sampling: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +68,7 @@ class FaceSettings:
     """How found faces are restored: `--batch-size`, `--color-fix`, `--frame-path`, `--face-size`."""
 
     batch_size: int | str = "auto"
-    color_fix: str = DEFAULT_COLOR_FIX
+    color_fix: str = AUTO_COLOR_FIX
     frame_path: str = "auto"
     face_size: str | int = "auto"
 

@@ -311,7 +311,9 @@ def _batches(data: PairDataset, cfg: FrmTrainConfig, start_step: int) -> Iterato
 # ------------------------------------------------------------------ the loop
 class FrmMethod(TrainingMethod):
     """Bradley-Terry training as a `run_training` method; held-out pairs are scored every
-    `val_every` steps and at the end. One process trains (the pairs are not sharded)."""
+    `val_every` steps and at the end. Under torchrun every process draws the same batches and
+    trains on its own rows of each, with gradients averaged, so N processes see N times the
+    pairs per second and make the same steps."""
 
     rate_key = "pairs_per_s"
 
@@ -340,12 +342,22 @@ class FrmMethod(TrainingMethod):
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         dev, model = self.acc.device, self.model
-        a, b, t, w, caps = next(self.batches)
+        a, b, t, w, caps = self._my_rows(next(self.batches))
         loss, logits = bt_loss(model, a.to(dev), b.to(dev), t.to(dev), w.to(dev), caps if model.uses_captions else None)
         self.set_lr(step)
-        update(self.acc, self.opt, loss, [p for p in model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        update(self.acc, self.opt, loss, [p for p in model.parameters() if p.requires_grad], self.cfg.grad_clip, average=True)
         correct, counted = pair_accuracy(logits.cpu(), t)
         return {"loss": float(loss.detach()), "train_accuracy": correct / counted if counted else float("nan")}, len(t)
+
+    def _my_rows(self, batch: tuple) -> tuple:
+        """This process's rows of a batch every process drew alike (all rows on one process)."""
+        n, rank = self.acc.num_processes, self.acc.process_index
+        if n == 1:
+            return batch
+        a, b, t, w, caps = batch
+        if len(t) < n:
+            raise InputError(f"batch_size {len(t)} is smaller than the {n} processes; raise batch_size")
+        return a[rank::n], b[rank::n], t[rank::n], w[rank::n], caps[rank::n] if caps is not None else None
 
     def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
         return {"loss": round(terms["loss"], 5), "train_accuracy": round(terms["train_accuracy"], 4)}

@@ -150,10 +150,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def update(acc, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, grad_clip: float) -> None:
-    """One optimiser step through accelerate (gradients averaged over processes), clipped."""
+def update(acc, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, grad_clip: float, average: bool = False) -> None:
+    """One optimiser step through accelerate, clipped. Models accelerate wrapped average their
+    gradients over processes themselves; `average` does it for a model that is not wrapped."""
     opt.zero_grad(set_to_none=True)
     acc.backward(loss)
+    if average and acc.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= acc.num_processes
     acc.clip_grad_norm_(params, grad_clip)
     opt.step()
 
