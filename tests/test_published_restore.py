@@ -101,7 +101,6 @@ def test_restore_with_an_osediff_model_file_and_the_ldm_file(files: dict[str, Pa
     ("options", "says"),
     [
         (["--lora", "{lora}"], "--lora is for one-step models"),
-        (["--compile"], "--compile is for one-step models"),
         (["--backend", "onnx"], "is a published model"),
         (["--eta", "0.5"], "eta applies to the ddim sampler only"),
     ],
@@ -130,3 +129,34 @@ def test_a_reward_model_file_is_not_a_restorer(tmp_path: Path) -> None:
 def test_a_published_name_not_installed_says_what_to_run(tmp_path: Path) -> None:
     code, output, _ = restore(tmp_path, "out", "--model", "lrpo-fidelity")
     assert code == 2 and "facerestore models pull lrpo-fidelity" in output
+
+
+def test_bf16_diffbir_overflow_is_redone_with_the_fp32_decoder(files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """The fp16/bf16 NaN guard covers DiffBIR models too: a decoder that overflows in low precision
+    (as SD VAEs do in fp16) is moved to fp32 with one warning, and the faces come out finite."""
+    from test_fast_paths import nan_when_low
+
+    from facerestore_cli.restore.face_restorer import load_restore_model
+    from facerestore_cli.restore.options import ModelChoice
+
+    warnings: list[str] = []
+    choice = ModelChoice(model=model_file(tmp_path / "v1.toml", files), precision="bf16", sampling={"steps": 2})
+    guarded = load_restore_model(choice, torch.device("cpu"), warn=warnings.append)
+    nan_when_low(guarded.restorer.vae.decoder, monkeypatch)
+    out = guarded(torch.rand(2, 3, FACE, FACE) * 2 - 1)
+    assert torch.isfinite(out).all() and out.shape == (2, 3, FACE, FACE)
+    assert len(warnings) == 1 and "decoder now runs in fp32" in warnings[0], warnings
+    assert guarded.restorer.unet.dtype == torch.bfloat16, "only the decoder leaves low precision"
+
+
+def test_compile_reaches_the_diffbir_networks_and_keeps_the_output(files: dict[str, Path], tmp_path: Path) -> None:
+    """--compile on a DiffBIR model: UNet, ControlNet, VAE halves and SwinIR are traced (dynamo's
+    "eager" backend: the wiring in seconds), and the output is the eager one."""
+    from facerestore_cli.models.inference import CompiledRestorer
+
+    model = load_restorer(model_file(tmp_path / "v1.toml", files), None, torch.device("cpu"), torch.float32, sampling={"steps": 2})
+    x = torch.rand(1, 3, FACE, FACE) * 2 - 1
+    eager = model(x)
+    compiled = CompiledRestorer(model, backend="eager")
+    assert set(compiled.eager) == {"unet", "controlnet", "vae.encoder", "vae.decoder", "stage1"}
+    assert torch.allclose(compiled(x), eager, atol=1e-5) and compiled.compiled

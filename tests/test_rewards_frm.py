@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fakes import face_like
+from fakes import face_like, fine_tuning_assets
 
 from facerestore_cli.cli import main
 from facerestore_cli.rewards.backbones import BackboneError
@@ -202,3 +202,18 @@ def test_without_open_clip_an_upstream_file_says_what_to_install(upstream, monke
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if open_clip_torch were not installed
     with pytest.raises(BackboneError, match=r'open_clip_torch package \(pip install -e "\.\[clip\]"\)'):
         load_frm(path, clip="ViT-H-14")
+
+
+def test_score_takes_a_reward_model_file_and_refuses_a_restorer_one(tmp_path: Path) -> None:
+    """`--model` names the FRM as every command names models: a `frm` model file (or its store
+    name) works like its folder; a restorer's model file is one line, not a traceback."""
+    frm = fine_tuning_assets(tmp_path)["frm"]
+    face = tmp_path / "face.png"
+    cv2.imwrite(str(face), face_like(64, 1))
+    (tmp_path / "frm.toml").write_text(f'kind = "frm"\nfrm = "{frm}"\n')
+    by_file = CliRunner().invoke(main, ["score", str(face), "--model", str(tmp_path / "frm.toml"), "--device", "cpu"])
+    by_folder = CliRunner().invoke(main, ["score", str(face), "--model", str(frm), "--device", "cpu"])
+    assert by_file.exit_code == 0 and by_file.stdout == by_folder.stdout, by_file.output
+    (tmp_path / "osediff.toml").write_text(f'kind = "osediff"\nsd = "{frm}"\nosediff = "{face}"\n')
+    wrong = CliRunner().invoke(main, ["score", str(face), "--model", str(tmp_path / "osediff.toml"), "--device", "cpu"])
+    assert wrong.exit_code == 2 and "is not a Face Reward Model (it is a osediff model file)" in wrong.output

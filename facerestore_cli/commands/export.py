@@ -13,7 +13,8 @@ from facerestore_cli.commands.ui import console, device_option, model_options, u
 @click.command("export")
 @model_options(
     "LoRA adapter (.safetensors), merged into the exported weights.",
-    "Restorer folder, or a Stable Diffusion 2.1-base folder with --osediff [default: bundled weights/restorer-tiny].",
+    "Restorer folder, a Stable Diffusion 2.1-base folder with --osediff, or an osediff model file (*.toml) or its store name"
+    " (multi-step diffbir-v1 models are not exported) [default: bundled weights/restorer-tiny].",
 )
 @click.option(
     "--format",
@@ -45,11 +46,15 @@ from facerestore_cli.commands.ui import console, device_option, model_options, u
 def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch, device) -> None:
     """Export the restorer (VAE encoder, UNet step(s), VAE decoder; LoRA merged) as one engine.
 
+    Weights over protobuf's 2 GB (SD 2.1 / OSEDiff) go to one OUTPUT.data file next to the
+    graph; keep the two together.
+
     \b
     Examples:
       facerestore export --model runs/tiny/final --lora runs/lrpo/lora.safetensors -o tiny.onnx
       facerestore restore photos/ -o out/ --model runs/tiny/final --lora runs/lrpo/lora.safetensors --backend onnx --engine tiny.onnx
       facerestore export --format tensorrt -o tiny.engine --max-batch 16
+      facerestore export --model osediff-face -o osediff-face.onnx   (weights over 2 GB: + osediff-face.onnx.data)
     """
     from facerestore_cli.devices import resolve_device
     from facerestore_cli.export.engines import make_onnx, make_tensorrt
@@ -64,9 +69,12 @@ def export_cmd(model, lora, osediff, fmt, out, face_size, opset, fp16, max_batch
                 meta = make_onnx(source, out, face_size, fp16, opset, dev)
             else:
                 meta = make_tensorrt(source, out, face_size, max_batch, dev)
-    size_mb = out.stat().st_size / 2**20
+    data = out.with_name(out.name + ".data")  # the external weights of a large ONNX export
+    data = data if fmt == "onnx" and data.is_file() else None
+    size_mb = (out.stat().st_size + (data.stat().st_size if data else 0)) / 2**20
+    files = f"{out} + {data.name}" if data else str(out)
     console.print(
-        f"{fmt} engine: {out} ({size_mb:.1f} MiB), {meta.face_size} px, {meta.sampling_steps} UNet step(s), "
+        f"{fmt} engine: {files} ({size_mb:.1f} MiB), {meta.face_size} px, {meta.sampling_steps} UNet step(s), "
         f"model {meta.config_name} (fingerprint {meta.model_fingerprint}); sidecar {out.name}.json",
         highlight=False,
         soft_wrap=True,

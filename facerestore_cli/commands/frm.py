@@ -231,12 +231,12 @@ def _clip_spec(value: str):
     return value
 
 
-_MODEL_HELP = "FRM folder, or an upstream HPSv2 / FaceRewardModel.pth checkpoint [default: bundled weights/frm-tiny]."
+_MODEL_HELP = "FRM folder, an upstream HPSv2 / FaceRewardModel.pth checkpoint, or `face-reward-model` once imported (`facerestore models`) [default: bundled weights/frm-tiny]."
 
 
 @click.command("frm-eval")
 @click.argument("pair_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", type=click.Path(exists=True, path_type=Path), default=None, help=_MODEL_HELP)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=_MODEL_HELP)
 @click.option(
     "--clip", default="ViT-H-14", show_default=True, help="open_clip architecture of an upstream checkpoint: a model name or a JSON file."
 )
@@ -282,7 +282,7 @@ def frm_eval(pair_files, model, clip, json_path, device) -> None:
 # ------------------------------------------------------------------ scoring
 @click.command("score")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", type=click.Path(exists=True, path_type=Path), default=None, help=_MODEL_HELP)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=_MODEL_HELP)
 @click.option(
     "--clip", default="ViT-H-14", show_default=True, help="open_clip architecture of an upstream checkpoint: a model name or a JSON file."
 )

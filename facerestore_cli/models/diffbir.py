@@ -287,6 +287,12 @@ class DiffBIRRestorer(nn.Module):
             z = sched.step(eps.float(), t, z, generator=gen, return_dict=False, **extra)[0]
         return z
 
+    def compiled_parts(self) -> list[str]:
+        """What `--compile` compiles: the networks every step calls (UNet, ControlNet), the VAE
+        halves (reached through encode/decode) and a stage 1 that is a module."""
+        parts = ["unet", "controlnet", "vae.encoder", "vae.decoder"]
+        return parts + (["stage1"] if isinstance(self.stage1, nn.Module) else [])
+
     def decode(self, z: Tensor) -> Tensor:
         """VAE decode of z / scaling factor, clamped to [-1, 1]."""
         return self.vae.decode((z / self.scaling_factor).to(self.dtype)).sample.clamp(-1, 1)

@@ -20,7 +20,7 @@ from facerestore_cli.models.color import DEFAULT_COLOR_FIX, color_fix
 from facerestore_cli.models.configs import RestorerConfig
 
 if TYPE_CHECKING:
-    from facerestore_cli.models.restorer import OneStepRestorer
+    pass
 
 T = TypeVar("T")
 
@@ -105,12 +105,15 @@ def by_size(crops: Sequence[T], restore: Callable[[list[T]], Sequence[T]]) -> li
     return out  # type: ignore[return-value]
 
 
-def compiled_parts(restorer: OneStepRestorer) -> list[str]:
-    """The submodules `--compile` compiles: what OneStepRestorer calls forward() on.
+def compiled_parts(restorer: nn.Module) -> list[str]:
+    """The submodules `--compile` compiles: what the restorer calls forward() on (a restorer that
+    knows better, such as a multi-step DiffBIR model, lists them in its own `compiled_parts()`).
 
     The VAE itself is reached through encode()/decode(), which torch.compile of the VAE module
     would not cover, so its halves are compiled; with skip fusion the halves are run block by
     block (models.skips), so the blocks and the fusion are compiled instead."""
+    if hasattr(restorer, "compiled_parts"):
+        return restorer.compiled_parts()
     if restorer.skip_fusion is None:
         return ["unet", "vae.encoder", "vae.decoder"]
     enc, dec = restorer.vae.encoder, restorer.vae.decoder
@@ -143,10 +146,10 @@ def _swap(restorer: nn.Module, dotted: str, module: nn.Module) -> nn.Module:
 
 
 class RestorerWrapper:
-    """Base of the wrappers around a `OneStepRestorer` (compile, precision guard): they pass its
+    """Base of the wrappers around a torch restorer (compile, precision guard): they pass its
     config, device and dtype through, so they are `RestoreModel`s too."""
 
-    restorer: OneStepRestorer
+    restorer: nn.Module
     takes_any_size = True
 
     @property
@@ -172,7 +175,7 @@ class CompiledRestorer(RestorerWrapper):
     """
 
     def __init__(
-        self, restorer: OneStepRestorer, backend: str = "inductor", channels_last: bool = False, warn: Callable[[str], None] | None = None
+        self, restorer: nn.Module, backend: str = "inductor", channels_last: bool = False, warn: Callable[[str], None] | None = None
     ) -> None:
         self.restorer, self.channels_last = restorer, channels_last
         self.warn = warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))

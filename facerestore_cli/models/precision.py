@@ -47,13 +47,17 @@ class PrecisionGuard(RestorerWrapper):
     """`RestoreModel` over a low-precision torch restorer that redoes NaN/black batches in fp32.
 
     `model` is what is called (the restorer, or a wrapper of it such as the compile fallback);
-    `restorer` is the `OneStepRestorer` whose parts are cast. `warn` gets one line per kind of
+    `restorer` is the torch restorer whose parts are cast: a `OneStepRestorer` or any restorer
+    with a diffusers `vae` (a multi-step `DiffBIRRestorer`, whose decoder overflows alike). `warn` gets one line per kind of
     fallback per run (default: a RuntimeWarning). Inputs are taken in fp32 (`dtype`) and cast
     down here, so an fp32 retry sees the exact input, not its fp16/bf16 rounding.
     """
 
     def __init__(
-        self, restorer: OneStepRestorer, model: Callable[[Tensor], Tensor] | None = None, warn: Callable[[str], None] | None = None
+        self,
+        restorer: OneStepRestorer | nn.Module,
+        model: Callable[[Tensor], Tensor] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.restorer = restorer
         self.model = model if model is not None else restorer
@@ -102,7 +106,8 @@ class PrecisionGuard(RestorerWrapper):
 
     def _decoder_parts(self) -> list[nn.Module]:
         vae = self.restorer.vae
-        return [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder, self.restorer.skip_fusion) if m is not None]
+        fusion = getattr(self.restorer, "skip_fusion", None)
+        return [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder, fusion) if m is not None]
 
     def _decoder_to_fp32(self) -> None:
         """Cast post_quant_conv + decoder to fp32 and feed them fp32 (the encoder and UNet stay low)."""

@@ -20,6 +20,7 @@ from facerestore_cli.faces.detector import build_detector
 from facerestore_cli.faces.face import Detector, Face
 from facerestore_cli.io.images import resize_image
 from facerestore_cli.models.color import DEFAULT_COLOR_FIX, color_fix_for, parse_color_fix
+from facerestore_cli.models.diffbir import DiffBIRRestorer
 from facerestore_cli.models.inference import (
     CompiledRestorer,
     RestoreModel,
@@ -43,7 +44,9 @@ from facerestore_cli.restore.shards import Shard
 AUTO_GPU_BATCH = 4
 
 
-def fast_torch_model(restorer: OneStepRestorer, compile_model: bool = False, warn: Callable[[str], None] | None = None) -> RestoreModel:
+def fast_torch_model(
+    restorer: OneStepRestorer | DiffBIRRestorer, compile_model: bool = False, warn: Callable[[str], None] | None = None
+) -> RestoreModel:
     """The merged restorer under torch.compile if asked, and under the fp32 fallback guard when
     it runs in fp16/bf16. Weights go channels_last on the CPU (oneDNN's convolutions run the
     model 11-15 % faster that way, benchmarks/RESULTS.md) and, with --compile, on CUDA (tensor
@@ -206,10 +209,6 @@ def load_restore_model(
         if choice.engine_file is not None:
             raise InputError("--engine needs --backend onnx or tensorrt")
         restorer = load_restorer(choice.model, choice.lora, device, dtype, choice.osediff, choice.sampling)
-        if not isinstance(restorer, OneStepRestorer):
-            if choice.compile:
-                raise InputError(f"--compile is for one-step models for now; {choice.model} is a multi-step model")
-            return restorer
         return fast_torch_model(restorer, choice.compile, warn)
     if choice.sampling:
         raise InputError(f"--{next(iter(choice.sampling))} is for multi-step models, which run with --backend torch")

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from facerestore_cli.io.tensors import to_tensor01
+from facerestore_cli.models.model_file import resolve_model_value
+from facerestore_cli.models.published import not_installed_hint
 from facerestore_cli.rewards.backbones import (
     BackboneError,
     CompactBackbone,
@@ -212,10 +214,17 @@ UPSTREAM_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def load_frm(spec: str | Path, device: str | torch.device = "cpu", clip: str | dict[str, Any] = "ViT-H-14") -> FaceRewardModel:
-    """An FRM folder (`save_pretrained`) or an upstream checkpoint file (open_clip layout, `clip` arch)."""
+    """An FRM folder (`save_pretrained`), an upstream checkpoint file (open_clip layout, `clip`
+    arch), or a `frm` model file / store name (`facerestore models import face-reward-model ...`)."""
     path = Path(spec)
+    published = resolve_model_value(spec)
+    if published is not None:
+        if published.kind != "frm" or published.frm is None:
+            raise BackboneError(f"{spec} is not a Face Reward Model (it is a {published.kind} model file)")
+        path = published.frm
     if path.is_file() and path.suffix.lower() in UPSTREAM_SUFFIXES:
         return FaceRewardModel.from_upstream(path, clip).to(device)
     if path.is_dir():
         return FaceRewardModel.from_pretrained(path, device)
-    raise BackboneError(f"{path}: not an FRM folder or an upstream checkpoint ({', '.join(UPSTREAM_SUFFIXES)})")
+    hint = not_installed_hint(str(spec))
+    raise BackboneError(hint or f"{path}: not an FRM folder or an upstream checkpoint ({', '.join(UPSTREAM_SUFFIXES)})")
