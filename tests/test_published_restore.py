@@ -160,3 +160,28 @@ def test_compile_reaches_the_diffbir_networks_and_keeps_the_output(files: dict[s
     compiled = CompiledRestorer(model, backend="eager")
     assert set(compiled.eager) == {"unet", "controlnet", "vae.encoder", "vae.decoder", "stage1"}
     assert torch.allclose(compiled(x), eager, atol=1e-5) and compiled.compiled
+
+
+@pytest.mark.parametrize("method", ["refl", "lrpo"])
+def test_refl_and_lrpo_tune_an_osediff_model_file_and_refuse_a_diffbir_one(files: dict[str, Path], tmp_path: Path, method: str) -> None:
+    """`refl`/`lrpo --model` take what `restore --model` takes, through the one loader: an OSEDiff
+    model file (SD ldm + pkl) is tuned and `restore --model ... --lora` runs the result; a
+    DiffBIR model is refused in one line (tuning its ControlNet is not built yet)."""
+    import json
+
+    import test_lrpo
+    import test_refl
+    from fakes import fine_tuning_assets
+
+    assets = fine_tuning_assets(tmp_path / "assets")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"refl": test_refl, "lrpo": test_lrpo}[method].tiny_config(assets, steps=1).to_dict()))
+    osediff = tmp_path / "osediff.toml"
+    osediff.write_text(f'kind = "osediff"\nsd = "{files["osediff_sd"]}"\nosediff = "{files["osediff"]}"\n')
+    run = [method, "--config", str(cfg), "--device", "cpu", "--model"]
+    tuned = CliRunner().invoke(main, [*run, str(osediff), "--out", str(tmp_path / "run")])
+    assert tuned.exit_code == 0, tuned.output
+    code, output, image = restore(tmp_path, "out", "--model", str(osediff), "--lora", str(tmp_path / "run" / "lora.safetensors"))
+    assert code == 0 and image is not None, output
+    refused = CliRunner().invoke(main, [*run, str(model_file(tmp_path / "v1.toml", files)), "--out", str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "its ControlNet cannot be tuned yet" in refused.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from facerestore_cli.commands.ui import (
+    base_model_option,
     config_and_data_options,
     load_run_config,
     print_run_end,
@@ -22,7 +23,8 @@ from facerestore_cli.commands.ui import (
     "LRPO config (TOML or JSON), e.g. configs/lrpo_tiny.toml.",
     "Run folder: checkpoints, log.jsonl, rewards.txt, lora.safetensors, final model.",
 )
-def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
+@base_model_option
+def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, model) -> None:
     """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, composite reward,
     PPO with noise-level advantages, and a ground-truth likelihood term.
 
@@ -34,6 +36,7 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
     from facerestore_cli.train.lrpo import LrpoConfig, train_lrpo
 
     cfg = load_run_config(LrpoConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
+    cfg.model = model or cfg.model
     dev = run_device(device)
     if secondary_process():
         train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from facerestore_cli.commands.ui import (
+    base_model_option,
     config_and_data_options,
     load_run_config,
     print_run_end,
@@ -21,7 +22,8 @@ from facerestore_cli.commands.ui import (
 @config_and_data_options(
     "ReFL config (TOML or JSON), e.g. configs/refl_tiny.toml.", "Run folder: checkpoints, log.jsonl, lora.safetensors, final model."
 )
-def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> None:
+@base_model_option
+def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, model) -> None:
     """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
 
     \b
@@ -32,6 +34,7 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes) -> 
     from facerestore_cli.train.refl import ReflConfig, train_refl
 
     cfg = load_run_config(ReflConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
+    cfg.model = model or cfg.model
     dev = run_device(device)
     if secondary_process():
         train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)

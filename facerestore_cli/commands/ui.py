@@ -167,6 +167,14 @@ def run_options(out_help: str) -> Callable:
     return decorate
 
 
+def base_model_option(f: Callable) -> Callable:
+    """--model of `refl`/`lrpo`: the restorer to tune, any value `restore --model` takes; it
+    overrides the config's `model`."""
+    return click.option(
+        "--model", default=None, help="The restorer to tune, as `restore --model` takes it [default: the config's `model`]."
+    )(f)
+
+
 def config_and_data_options(config_help: str, out_help: str) -> Callable:
     """--config FILE, the run options and --data FOLDER...: the command line of every run
     command that trains on prepared crops (`train`, `refl`, `lrpo`)."""

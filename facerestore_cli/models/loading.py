@@ -108,6 +108,19 @@ def prompt_cache_dir() -> Path:
     return store_dir() / "prompts"
 
 
+def load_tunable_restorer(value: str | Path) -> OneStepRestorer:
+    """The base `refl` and `lrpo` tune, in fp32 on the CPU: a one-step restorer given as any
+    `--model` value (a restorer folder, SD 2.1 with its OSEDiff model file, ...). A multi-step
+    model is refused in one line: tuning a DiffBIR ControlNet is another method, not built yet."""
+    spec = resolve_model_value(value)
+    if spec is None:
+        return load_model_folder(value, torch_dtype=torch.float32)
+    if spec.kind == "osediff":
+        return load_osediff(spec.sd, spec.osediff, cache_dir=prompt_cache_dir(), device="cpu", dtype=torch.float32)
+    what = "a Face Reward Model" if spec.kind == "frm" else f"a {spec.kind} model (its ControlNet cannot be tuned yet)"
+    raise InputError(f"{value} is {what}: refl and lrpo tune one-step restorers (a restorer folder or an osediff model)")
+
+
 def load_model_for_training(spec: str) -> OneStepRestorer:
     """A config name starts from random weights; a folder continues from saved weights."""
     if Path(spec).is_dir():

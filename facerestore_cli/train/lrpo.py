@@ -30,7 +30,7 @@ import torch
 
 from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.errors import InputError
-from facerestore_cli.models.loading import load_model_folder
+from facerestore_cli.models.loading import load_tunable_restorer
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import (
     CLEAN,
@@ -189,7 +189,7 @@ class LrpoObjective(torch.nn.Module):
 
 def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, CompositeReward]:
     """The base restorer in the configured sampling mode with fresh UNet LoRA (base frozen), and the reward."""
-    model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
+    model = load_tunable_restorer(cfg.model).train()
     if cfg.face_size % model.size_multiple:
         raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     model.config.sampling_steps = cfg.sampling_steps

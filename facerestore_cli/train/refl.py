@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.errors import InputError
 from facerestore_cli.models.color import low_frequency
-from facerestore_cli.models.loading import load_model_folder
+from facerestore_cli.models.loading import load_tunable_restorer
 from facerestore_cli.models.perceptual import EncoderPerceptualLoss
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.rewards.frm import FaceRewardModel, load_frm
@@ -132,7 +132,7 @@ class ReflObjective(torch.nn.Module):
 
 def build_refl(cfg: ReflConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, FaceRewardModel, ReflObjective]:
     """The base restorer with fresh LoRA adapters (base frozen), the FRM (frozen, eval) and the objective."""
-    model = load_model_folder(cfg.model, torch_dtype=torch.float32).train()
+    model = load_tunable_restorer(cfg.model).train()
     if cfg.face_size % model.size_multiple:
         raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
     frm = load_frm(cfg.frm).eval().requires_grad_(False)
