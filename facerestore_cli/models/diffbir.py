@@ -244,31 +244,42 @@ class DiffBIRRestorer(nn.Module):
         """c_img = VAE.encode(cond).mode() x scaling factor (the mode, not a sample: SPEC §2.5)."""
         return self.vae.encode(cond.to(self.dtype)).latent_dist.mode() * self.scaling_factor
 
-    def predict_noise(self, x_t: Tensor, c_img: Tensor, t: Tensor | int, context: Tensor | None = None) -> Tensor:
-        """epsilon at timestep t: ControlNet over cat([x_t, c_img]) with a zero hint image, its
-        residuals x strength into the UNet."""
+    def control_residuals(
+        self, x_t: Tensor, c_img: Tensor, t: Tensor | int, context: Tensor | None = None, controlnet: nn.Module | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """The 13 control residuals (12 down, 1 mid) x strength: `controlnet` (default this model's;
+        a trainer passes its frozen copy for the regulariser) over cat([x_t, c_img]) with a zero hint."""
+        net = controlnet or self.controlnet
         b, _, h, w = x_t.shape
         x_t = x_t.to(self.dtype)
-        if context is None:
-            context = self.prompt_embeds.to(self.dtype).expand(b, -1, -1)
-        f = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
-        hint = torch.zeros(b, int(self.controlnet.config.conditioning_channels), h * f, w * f, device=x_t.device, dtype=self.dtype)
-        down, mid = self.controlnet(
+        f = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+        hint = torch.zeros(b, int(net.config.conditioning_channels), h * f, w * f, device=x_t.device, dtype=self.dtype)
+        down, mid = net(
             torch.cat([x_t, c_img.to(self.dtype)], 1),
             t,
-            encoder_hidden_states=context,
+            encoder_hidden_states=self._context(context, b),
             controlnet_cond=hint,
             conditioning_scale=self.strength,
             return_dict=False,
         )
+        return list(down), mid
+
+    def predict_noise(
+        self, x_t: Tensor, c_img: Tensor, t: Tensor | int, context: Tensor | None = None, residuals: tuple | None = None
+    ) -> Tensor:
+        """epsilon at timestep t: the UNet with the control residuals (computed here unless given)."""
+        down, mid = residuals if residuals is not None else self.control_residuals(x_t, c_img, t, context)
         return self.unet(
-            x_t,
+            x_t.to(self.dtype),
             t,
-            encoder_hidden_states=context,
+            encoder_hidden_states=self._context(context, x_t.shape[0]),
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
+
+    def _context(self, context: Tensor | None, batch: int) -> Tensor:
+        return context if context is not None else self.prompt_embeds.to(self.dtype).expand(batch, -1, -1)
 
     def initial_noise(self, c_img: Tensor, generator: torch.Generator) -> Tensor:
         """x_T ~ N(0, I) in float32, drawn on the CPU so a seed means the same noise everywhere."""
