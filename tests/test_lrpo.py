@@ -16,20 +16,33 @@ from fakes import face_like, fine_tuning_assets, run_torchrun
 from facerestore_cli.cli import main
 from facerestore_cli.models import OneStepRestorer
 from facerestore_cli.models.lora import read_lora_metadata
-from facerestore_cli.models.sampler import gaussian_log_prob, restore_latent, sample_trajectories, sampling_timesteps, transition_log_prob
-from facerestore_cli.rewards.composite import CompositeReward, RewardWeights
+from facerestore_cli.models.sampler import (
+    ddim_posterior,
+    gaussian_log_prob,
+    restore_latent,
+    sample_trajectories,
+    sampling_timesteps,
+    step_distribution,
+    transition_log_prob,
+)
+from facerestore_cli.rewards.composite import CompositeReward, RewardSources, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
 from facerestore_cli.train.lrpo import (
     LrpoConfig,
+    LrpoMethod,
     LrpoObjective,
     build_lrpo,
-    ground_truth_targets,
+    ground_truth_trajectory,
     group_advantages,
+    likelihood_regulariser,
+    noise_level_weights,
     ppo_loss,
     rollout,
     step_advantages,
     train_lrpo,
 )
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +66,8 @@ def tiny_config(assets: dict[str, Path], steps: int = 2, **changes) -> LrpoConfi
         "lr": 1e-3,
         "wavelet_levels": 2,
         "quality_metric": "frm",
+        "fidelity_metric": "encoder",
+        "allow_missing_rewards": True,
         "num_workers": 0,
         "log_every": 1,
         "checkpoint_every": 2,
@@ -97,16 +112,37 @@ def test_transition_log_probs_are_gaussian_and_recomputable(assets) -> None:
 
 
 # ---------------------------------------------------------------- advantages and losses
-def test_advantages_are_group_relative_and_noise_level_weighted() -> None:
+def test_advantages_are_group_relative_over_the_rounds_std_with_eps_1e4() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 10.0]])
     adv = group_advantages(rewards)
     assert torch.allclose(adv.mean(1), torch.zeros(2), atol=1e-6)
-    assert torch.allclose(adv[0], torch.tensor([-1.0, 0.0, 1.0]) / rewards.std(), atol=1e-5), "divided by the whole batch's std"
+    want = torch.tensor([-1.0, 0.0, 1.0]) / (rewards.std(unbiased=False) + 1e-4)  # the paper: numpy std of every sample + 1e-4
+    assert torch.allclose(adv[0], want, atol=1e-6), "divided by the std over all samples of the round, plus 1e-4"
     assert torch.equal(adv[1], torch.zeros(3)), "a face whose samples all score alike teaches nothing"
+    round_std = torch.tensor(0.5)  # gathered over every process of the round
+    assert torch.allclose(group_advantages(rewards, round_std)[0], torch.tensor([-1.0, 0.0, 1.0]) / (0.5 + 1e-4))
+    flat_group = group_advantages(torch.tensor([[2.0, 2.0], [2.0, 2.0]]))
+    assert torch.equal(flat_group, torch.zeros(2, 2)), "eps keeps an all-equal round finite"
     steps = step_advantages(torch.tensor([1.0, -4.0]), [0.6, 0.3], noise_level_weighting=True, clip=5.0)
     assert torch.allclose(steps[0], torch.tensor([4 / 3, -5.0])) and torch.allclose(steps[1], torch.tensor([2 / 3, -8 / 3]))
     flat = step_advantages(torch.tensor([1.0, -4.0]), [0.6, 0.3], noise_level_weighting=False)
     assert all(torch.equal(s, torch.tensor([1.0, -4.0])) for s in flat)
+
+
+def test_noise_level_weights_are_ddim_sigmas_at_eta_1_over_their_mean(assets) -> None:
+    model = base_model(assets)
+    z = model.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    _, path = sample_trajectories(model, z, 3, eta=1.0, final_std=0.05, generator=torch.Generator().manual_seed(0))
+    ac = model.scheduler.alphas_cumprod.double()
+    # DDIM's sigma at eta = 1; the last move ends at timestep 0, as DDIM's schedule does
+    pairs = [(t, max(p, 0)) for t, p in sampling_timesteps(model.config.timestep, 3)]
+    assert [(s.t, max(s.t_prev, 0)) for s in path] == pairs
+    want = [float(((1 - ac[p]) / (1 - ac[t])).sqrt() * (1 - ac[t] / ac[p]).sqrt()) for t, p in pairs]
+    assert [s.noise_level for s in path] == pytest.approx(want, rel=1e-6)
+    weights = noise_level_weights([s.noise_level for s in path])
+    assert weights == pytest.approx([w / (sum(want) / 3) for w in want], rel=1e-6) and sum(weights) == pytest.approx(3)
+    assert weights[0] > weights[1] > weights[2] > 0, "noisier steps get more of the advantage"
+    assert noise_level_weights([0.0]) == [1.0], "one-step mode: the only step takes the whole advantage"
 
 
 def test_ppo_loss_pushes_toward_good_samples_and_clips() -> None:
@@ -125,33 +161,85 @@ def test_ppo_loss_pushes_toward_good_samples_and_clips() -> None:
     assert moved.grad[1] != 0 and moved.grad[2] != 0, "the pessimistic bound keeps correcting moves the wrong way"
 
 
-def test_ground_truth_states_come_straight_from_q(assets) -> None:
+def test_ground_truth_trajectory_starts_at_the_lq_and_follows_ddims_posterior(assets) -> None:
     model = base_model(assets)
-    z0 = torch.randn(1, 8, 4, 4).repeat(4000, 1, 1, 1)
-    z_t, target = ground_truth_targets(model, z0, 166, 83, eta=1.0, gen=torch.Generator().manual_seed(0))
-    a = float(model.alpha_bar(166, 1, torch.device("cpu")))
-    assert torch.allclose(z_t.mean(0), math.sqrt(a) * z0[0], atol=0.05) and abs(float(z_t.std(0).mean()) - math.sqrt(1 - a)) < 0.02
-    a83 = float(model.alpha_bar(83, 1, torch.device("cpu")))
-    assert torch.allclose(target.mean(0), math.sqrt(a83) * z0[0], atol=0.05), "the target is distributed as q(z_prev | z0)"
-    _, last = ground_truth_targets(model, z0[:2], 83, -1, eta=1.0)
-    assert torch.equal(last, z0[:2].float())
+    z_lq, z_gt = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
+    _, path = sample_trajectories(model, z_lq, 3, eta=1.0, final_std=0.05, generator=torch.Generator().manual_seed(0))
+    many = 40000
+    gt = ground_truth_trajectory(model, z_lq.repeat(many, 1, 1, 1), z_gt.repeat(many, 1, 1, 1), path, 1.0, torch.Generator().manual_seed(1))
+    assert len(gt) == 3 and torch.equal(gt[0][0][0], z_lq[0]), "the policy's own first state: the LQ's latent"
+    mean, std = ddim_posterior(model, z_lq, z_gt, path[0].t, path[0].t_prev, 1.0)
+    assert torch.allclose(gt[0][1].mean(0), mean[0], atol=0.05) and abs(float(gt[0][1].std(0).mean()) - std) < 0.02
+    assert std == pytest.approx(path[0].std), "the target is drawn with the policy's own sigma"
+    assert torch.equal(gt[1][0], gt[0][1]), "one chain: each state is the previous target"
+    assert torch.equal(gt[2][1], z_gt.repeat(many, 1, 1, 1)), "the last target is the ground truth's latent"
+
+
+def test_likelihood_term_matches_the_formula_on_a_hand_computed_case(assets) -> None:
+    # two samples, two dimensions, std 1: log N per dimension = -d^2 / 2 - log(sqrt(2 pi))
+    c = 0.5 * math.log(2 * math.pi)
+    d = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    log_prob = gaussian_log_prob(d, torch.zeros(2, 2), 1.0)
+    assert torch.allclose(log_prob, torch.tensor([-c, -(0.5 + 4.5) / 2 - c]))
+    want = ((1 - math.exp(-c / 40)) + (1 - math.exp((-2.5 - c) / 40))) / 2
+    assert float(likelihood_regulariser(log_prob)) == pytest.approx(want, rel=1e-6)
+    # through the objective: the policy's mean at g_t and its sigma; total = policy + 0.001 reg
+    cfg = tiny_config(assets, sampling_steps=2)
+    model, _ = build_lrpo(cfg)
+    z = model.encode(torch.rand(2, 3, 64, 64) * 2 - 1).float()
+    _, path = sample_trajectories(model, z, 2, 1.0, 0.05, torch.Generator().manual_seed(0))
+    g_t, g_prev = torch.randn_like(z), torch.randn_like(z)
+    terms = LrpoObjective(model, cfg)(path[0], torch.zeros(2), (g_t, g_prev))
+    with torch.no_grad():
+        dist = step_distribution(model, g_t, path[0].t, path[0].t_prev, 1.0, 0.05)
+    expected = (1 - torch.exp(gaussian_log_prob(g_prev, dist.mean, dist.std) / 40)).mean()
+    assert torch.allclose(terms["likelihood"].detach(), expected, atol=1e-6)
+    assert torch.allclose(terms["total"].detach(), terms["policy"].detach() + 1e-3 * expected, atol=1e-7)
 
 
 def test_likelihood_term_raises_the_ground_truths_likelihood(assets) -> None:
-    cfg = tiny_config(assets, likelihood_weight=1.0, sampling_steps=1, lr=3e-3)
+    cfg = tiny_config(assets, likelihood_weight=1.0, sampling_steps=1, final_std=0.5, lr=3e-3)
     model, reward = build_lrpo(cfg)
     hq = torch.rand(2, 3, 64, 64)
-    _, path, states = rollout(model, reward, cfg, hq, hq, torch.Generator().manual_seed(0))
+    _, path, gt = rollout(model, reward, cfg, hq, hq, torch.Generator().manual_seed(0))
+    assert len(gt) == 1 and torch.equal(gt[0][0], path[0].z_t), "one-step mode: the GT's likelihood from the LQ's state"
     objective = LrpoObjective(model, cfg)
     opt = torch.optim.Adam(model.lora_parameters(), lr=cfg.lr)
-    zero = [torch.zeros(len(path[0].log_prob))]
-    first = float(objective(path, zero, states)["likelihood"].detach())
+    zero = torch.zeros(len(path[0].log_prob))
+    first = float(objective(path[0], zero, gt[0])["likelihood"].detach())
     for _ in range(10):
-        terms = objective(path, zero, states)
+        terms = objective(path[0], zero, gt[0])
         opt.zero_grad()
         terms["total"].backward()
         opt.step()
-    assert float(objective(path, zero, states)["likelihood"].detach()) < first
+    assert float(objective(path[0], zero, gt[0])["likelihood"].detach()) < first
+
+
+def test_inner_steps_move_the_ratio_clip_and_drop_zero_advantage_samples(assets, tmp_path: Path) -> None:
+    """The optimizer steps after every trained timestep, so the second step's ratio is no longer 1."""
+    cfg = tiny_config(assets, sampling_steps=3, clip_range=1e-6, lr=1e-2, likelihood_weight=1e-3)
+    method = LrpoMethod(cfg)
+    from facerestore_cli.train.runner import accelerator
+
+    method.acc, method.run_dir = accelerator("cpu"), tmp_path
+    method.build(None)
+    method.start(0)
+    hq = torch.rand(2, 3, 64, 64)
+    _, path, gt = rollout(method.model, method.reward, cfg, hq, hq, torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.5, -0.5, 0.0])
+    seen: list[int] = []
+    original = method.objective.forward
+
+    def spy(step, advantages, ground_truth=None, scale=1.0):
+        seen.append(len(advantages))
+        return original(step, advantages, ground_truth, scale)
+
+    method.objective.forward = spy
+    terms = method.policy_updates(path, adv, torch.nonzero(adv != 0).flatten(), gt)
+    assert method.optimizer_steps == 3 and seen == [4, 4, 4], "one optimizer step per timestep, zero-advantage samples dropped"
+    assert terms["approx_kl"][0] == 0 and terms["clip_fraction"][0] == 0, "the first step's policy is the sampling policy"
+    assert terms["approx_kl"][1] > 0 and terms["clip_fraction"][1] > 0, "after one inner step the ratio has left 1 and clips"
+    assert "likelihood" in terms and len(terms["likelihood"]) == 3, "the last 5 trained steps: all 3 here"
 
 
 # ---------------------------------------------------------------- the composite reward
@@ -160,14 +248,15 @@ def test_composite_reward_scores_fidelity_and_reports_dropped_components(assets)
     frm = load_frm(assets["frm"])
     reward = CompositeReward(RewardWeights(), frm, model.vae.encoder, quality_metric="pyiqa:musiq")
     report = "\n".join(reward.report())
-    assert "quality: dropped" in report and "frm: 0.3" in report and "structure: 0.3" in report
+    assert "quality: dropped" in report and "frm: 0.3333" in report and "structure: 0.3333" in report and "renormalised" in report
     gt = torch.from_numpy(np.stack([face_like(64, i) for i in range(2)])).permute(0, 3, 1, 2).float() / 255
     noisy = (gt + 0.3 * torch.randn_like(gt)).clamp(0, 1)
     same, worse = reward(gt, gt), reward(noisy, gt)
     assert set(same) == {"frm", "fidelity", "structure", "total"}
     assert torch.allclose(same["structure"], torch.ones(2)) and torch.allclose(same["fidelity"], torch.ones(2), atol=1e-5)
     assert (worse["fidelity"] < same["fidelity"]).all() and (worse["structure"] < same["structure"]).all()
-    assert torch.allclose(same["total"], 0.3 * same["frm"] + 0.3 * same["fidelity"] + 0.3 * same["structure"])
+    # quality is missing (not weight 0): the others are renormalised to sum to 1 (changed by the issue: they were kept at 0.3)
+    assert torch.allclose(same["total"], (same["frm"] + same["fidelity"] + same["structure"]) / 3)
     with_niqe = CompositeReward(RewardWeights(), frm, model.vae.encoder, quality_metric="niqe")
     assert "quality" in with_niqe.active
     with pytest.raises(ValueError, match="niqe cannot score"):
@@ -176,12 +265,80 @@ def test_composite_reward_scores_fidelity_and_reports_dropped_components(assets)
         CompositeReward(RewardWeights(), frm, model.vae.encoder, quality_metric="psnr")
 
 
+def random_vgg16_file(path: Path) -> Path:
+    """torchvision's VGG16 `features` layout with random weights (the real file is 528 MB)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, path)
+    return path
+
+
+def test_the_papers_reward_judges(assets, tmp_path: Path) -> None:
+    from facerestore_cli.rewards.judges import ClipIqa, DtcwtLowpass
+
+    gt = torch.from_numpy(np.stack([face_like(64, i) for i in range(2)])).permute(0, 3, 1, 2).float() / 255
+    noisy = (gt + 0.2 * torch.randn_like(gt)).clamp(0, 1)
+    sources = RewardSources(lpips_vgg_weights=str(random_vgg16_file(tmp_path / "vgg16.pth")), allow_missing=True)
+    reward = CompositeReward(RewardWeights(), load_frm(assets["frm"]), sources=sources)
+    report = "\n".join(reward.report())
+    assert (
+        "1 - lpips-vgg distance" in report and "DTCWT low-pass, J=3" in report and "quality: dropped (clipiqa: no clipiqa_weights" in report
+    )
+    assert sum(reward.active.values()) == pytest.approx(1.0), "renormalised without the missing quality component"
+    assert reward.active["frm"] == pytest.approx(0.3 / 0.9)
+    same, worse = reward(gt, gt), reward(noisy, gt)
+    assert torch.allclose(same["fidelity"], torch.ones(2)) and torch.allclose(same["structure"], torch.ones(2))
+    assert (worse["fidelity"] < 1).all() and (worse["structure"] < 1).all()
+    dtcwt = DtcwtLowpass(3)
+    want = (dtcwt.lowpass(noisy) - dtcwt.lowpass(gt)).abs().flatten(1).mean(1)
+    assert torch.allclose(worse["structure"], torch.exp(-15 * want)) and dtcwt.lowpass(gt).shape[-1] == 16
+
+    class TwoWayClip(torch.nn.Module):  # image features along x, text features: "Good photo." = x, "Bad photo." = y
+        def encode_text(self, tokens):
+            return torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+        def encode_image(self, x):
+            return torch.stack([x.mean((1, 2, 3)) * 0 + 1.0, x.mean((1, 2, 3)) * 0], 1)
+
+    score = ClipIqa(TwoWayClip(), torch.zeros(2, 3), image_size=32)(gt)
+    assert torch.allclose(score, torch.full((2,), 1 / (1 + math.exp(-100.0)))), "softmax of 100 x cosine, the positive prompt's share"
+
+
+def test_a_missing_reward_component_refuses_to_start_without_the_allow_flag(assets, tmp_path: Path) -> None:
+    strict = tiny_config(assets, allow_missing_rewards=False, fidelity_metric="lpips-vgg", quality_metric="clipiqa")
+    with pytest.raises(ValueError, match="allow_missing_rewards") as err:
+        build_lrpo(strict)
+    assert "fidelity missing" in str(err.value) and "quality missing" in str(err.value)
+    with pytest.raises(ValueError, match="fallback 'encoder'"):
+        build_lrpo(tiny_config(assets, allow_missing_rewards=False, rewards={"quality": 0.0}))
+    cfg = tmp_path / "strict.json"
+    cfg.write_text(json.dumps(strict.to_dict()))
+    result = CliRunner().invoke(main, ["lrpo", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code != 0 and "allow_missing_rewards" in result.output
+    assert "Traceback" not in result.output and len([ln for ln in result.output.splitlines() if "allow_missing" in ln]) == 1
+    allowed = tiny_config(assets, steps=1, fidelity_metric="lpips-vgg", quality_metric="clipiqa")
+    _, reward = build_lrpo(allowed)
+    assert set(reward.active) == {"frm", "structure"} and sum(reward.active.values()) == pytest.approx(1.0)
+    result = train_lrpo(allowed, tmp_path / "allowed")
+    assert result["finished"] and result["reward_weights"] == {"frm": 0.5, "structure": 0.5}
+    said = "weights renormalised to sum to 1 without fidelity, quality"
+    assert any(said in line for line in result["rewards"]) and said in (tmp_path / "allowed" / "rewards.txt").read_text()
+
+
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("lrpo*.toml"), *(CONFIGS / "experiments").glob("lrpo*.toml")]), ids=lambda p: p.name)
+def test_every_lrpo_config_loads(path: Path) -> None:
+    cfg = LrpoConfig.from_file(path)
+    assert cfg.group_size >= 2 and cfg.sampling_steps >= 1
+
+
 # ---------------------------------------------------------------- runs
 def test_config_rejects_settings_that_cannot_train(assets) -> None:
     for bad, match in [
         ({"group_size": 1}, "group_size"),
         ({"eta": 0.0}, "eta"),
-        ({"likelihood_steps": 3}, "likelihood_steps"),
+        ({"likelihood_steps": 0}, "likelihood_steps"),  # was 3 > sampling_steps: now the last 5 trained steps, or all when fewer
+        ({"timestep_fraction": 0.0}, "timestep_fraction"),
         ({"lora_rank": 0}, "lora_rank"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -204,6 +361,8 @@ def test_lrpo_trains_unet_lora_logs_rewards_and_resumes(assets, tmp_path: Path) 
         "policy",
         "likelihood",
         "clip_fraction",
+        "approx_kl",
+        "optimizer_steps",
         "restorations_per_s",
     ):
         assert all(np.isfinite(r[key]) for r in rows), key
@@ -211,6 +370,7 @@ def test_lrpo_trains_unet_lora_logs_rewards_and_resumes(assets, tmp_path: Path) 
     assert meta["sampling_steps"] == 2 and meta["rank_vae"] == 0, "UNet LoRA only, tuned in 2-step mode"
     more = train_lrpo(tiny_config(assets, steps=3), tmp_path)
     assert more["step"] == 3 and more["steps_this_run"] == 1
+    assert more["optimizer_steps"] == first["optimizer_steps"] + 2, "the checkpoint carries the optimizer's step count (2 per step)"
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     base = base_model(assets)
     tuned = OneStepRestorer.from_pretrained(tmp_path / "final", torch_dtype=torch.float32)

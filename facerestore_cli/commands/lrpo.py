@@ -25,8 +25,10 @@ from facerestore_cli.commands.ui import (
 )
 @base_model_option
 def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, model) -> None:
-    """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, composite reward,
-    PPO with noise-level advantages, and a ground-truth likelihood term.
+    """Fine-tune the restorer's UNet LoRA by online RL (LRPO): group sampling, the paper's composite
+    reward (a missing component stops the run unless the config sets allow_missing_rewards), PPO
+    with noise-level advantages and one optimizer step per trained timestep, and a ground-truth
+    likelihood term.
 
     \b
     Example:
@@ -48,7 +50,12 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, mod
             progress.console.print("reward components:\n  " + "\n  ".join(report), highlight=False)
 
         def on_step(step: int, terms: dict[str, float]) -> None:
-            progress.update(task, completed=step, description=f"lrpo reward {terms['reward_total']:+.4f} policy {terms['policy']:+.5f}")
+            progress.update(
+                task,
+                completed=step,
+                description=f"lrpo reward {terms['reward_total']:+.4f} policy {terms['policy']:+.5f} "
+                f"kl {terms['approx_kl']:.2e} clip {terms['clip_fraction']:.2f}",
+            )
 
         with user_errors():
             result = train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)

@@ -20,7 +20,7 @@ Cost: steps UNet calls per face instead of one (the encoder and decoder run once
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -91,6 +91,20 @@ def step_distribution(model: LatentDenoiser, z_t: Tensor, t: int, t_prev: int, e
     return StepDistribution(mean, std, x0)
 
 
+def ddim_sigma(model: LatentDenoiser, t: int, t_prev: int, eta: float = 1.0) -> float:
+    """DDIM's sigma of the move t -> t_prev: eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a').
+
+    The last move (t_prev = CLEAN) is taken to timestep 0, as DDIM's own schedule ends (ldm's
+    `alphas_prev` starts at alphas_cumprod[0]), so its sigma is small but not zero: the noise
+    level LRPO's advantage assignment weighs each step by (w_j = sigma_j / mean sigma, eta = 1).
+    """
+    a = model.alpha_bar(t, 1, torch.device("cpu")).double()
+    a_prev = model.alpha_bar(max(t_prev, 0), 1, torch.device("cpu")).double()
+    if t_prev == CLEAN and t == 0:
+        return 0.0
+    return float(eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev))
+
+
 def ddim_posterior(model: LatentDenoiser, z_t: Tensor, x0: Tensor, t: int, t_prev: int, eta: float) -> tuple[Tensor, float]:
     """Mean and std of DDIM's move from z_t towards t_prev given a clean latent x0 (predicted by
     the UNet for the policy, the ground truth's for the likelihood term)."""
@@ -110,8 +124,12 @@ class Transition:
     z_next: Tensor
     log_prob: Tensor
     std: float
-    #: how noisy the state is, sqrt(1 - alpha_bar(t)): the sigma of noise-level advantage assignment.
+    #: DDIM's sigma of this move at eta = 1 (`ddim_sigma`): what noise-level advantage assignment weighs by.
     noise_level: float
+
+    def rows(self, index: Tensor) -> Transition:
+        """This step for a subset of the batch (the samples LRPO trains on)."""
+        return replace(self, z_t=self.z_t[index], z_next=self.z_next[index], log_prob=self.log_prob[index])
 
 
 @torch.no_grad()
@@ -124,7 +142,7 @@ def sample_trajectories(
         dist = step_distribution(model, z, t, t_prev, eta, final_std)
         noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device).to(z.device)
         z_next = dist.mean + dist.std * noise if dist.std > 0 else dist.mean
-        level = float((1 - model.alpha_bar(t, 1, z.device)).sqrt())
+        level = ddim_sigma(model, t, t_prev, 1.0)
         path.append(Transition(t, t_prev, z, z_next, gaussian_log_prob(z_next, dist.mean, max(dist.std, 1e-8)), dist.std, level))
         z = z_next
     return z, path
