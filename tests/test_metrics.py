@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+import facerestore_cli.rewards  # noqa: F401  (the reward models add frm and lrpo_reward to the registry)
 from facerestore_cli.metrics import (
     EVAL_EXTRA,
     MetricUnavailable,

@@ -56,7 +56,10 @@ class LrpoReward(Metric):
     name = "lrpo_reward"
     full_reference = True
     lower_better = False
-    description = "LRPO's composite reward: 0.3 FRM + 0.3 fidelity + 0.3 exp(-15 L1 of low-frequency bands) (quality dropped)"
+    description = (
+        "LRPO's composite reward with offline judges: 0.3 FRM + 0.3 (1 - encoder distance) + 0.3 exp(-15 L1 of low-frequency"
+        " blur bands) (quality dropped; `lrpo` itself uses LPIPS-VGG, CLIP-IQA and the DTCWT when their weights are given)"
+    )
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
