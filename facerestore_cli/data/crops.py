@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facerestore_cli.data.captions import CaptionLookup
 from facerestore_cli.errors import InputError, MissingFileError
 from facerestore_cli.faces.align import estimate_affine, warp_faces
 from facerestore_cli.faces.detector import detect_padded
@@ -139,7 +140,10 @@ class CropDataset(Dataset):
 
     `scales`: each crop is first shrunk by one of these factors, drawn at random (1.0 keeps it),
     so a model also learns faces seen at a smaller working size (`restore --face-size auto`
-    restores small faces on 256-px crops of the same alignment)."""
+    restores small faces on 256-px crops of the same alignment).
+
+    `captions`: items become (image, caption), each crop's caption looked up once here (by its
+    file or its source photo, `data.captions`), for the Face Reward Model that judges them."""
 
     def __init__(
         self,
@@ -148,10 +152,15 @@ class CropDataset(Dataset):
         flip: bool = True,
         min_sharpness: float = 0.0,
         scales: Sequence[float] = (1.0,),
+        captions: CaptionLookup | None = None,
     ):
-        self.files = [Path(f) / r.file for f in folders for r in read_manifest(Path(f)) if r.sharpness >= min_sharpness]
+        kept = [(Path(f) / r.file, r.source) for f in folders for r in read_manifest(Path(f)) if r.sharpness >= min_sharpness]
+        self.files = [file for file, _ in kept]
         if not self.files:
             raise InputError("no training crops found in the given folders (or none sharp enough)")
+        self.captions = None if captions is None else [captions.caption(file, source) for file, source in kept]
+        if captions is not None and captions.source and not captions.found:
+            raise InputError(f"captions: none of the {len(kept)} crops has a caption in {captions.source} (by crop or source file)")
         self.patch_size = patch_size
         self.flip = flip
         self.scales = list(scales)
@@ -159,7 +168,7 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, idx: int) -> torch.Tensor:
+    def __getitem__(self, idx: int) -> torch.Tensor | tuple[torch.Tensor, str]:
         img = cv2.imread(str(self.files[idx]), cv2.IMREAD_COLOR)[:, :, ::-1]
         scale = random.choice(self.scales)
         if scale != 1.0:
@@ -173,4 +182,5 @@ class CropDataset(Dataset):
             img = img[y : y + p, x : x + p]
         if self.flip and random.random() < 0.5:
             img = img[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+        return image if self.captions is None else (image, self.captions[idx])

@@ -134,6 +134,24 @@ class CompactBackbone(nn.Module):
             return query
         return query + self.text(captions, device)
 
+    def image_groups(self) -> list[nn.Module]:
+        """The image tower's groups, input to output: the stem, each stage, the head."""
+        return [self.visual.stem, *self.visual.stages, self.visual.head]
+
+    def lock(self, unlocked_image_groups: int | None, unlocked_text_layers: int | None) -> None:
+        """Freeze all but the last `unlocked_image_groups` image groups (`image_groups`), the
+        compact analogue of the paper's last-N ViT groups; the text side (the query and the hashed
+        captions) is one layer, trainable when `unlocked_text_layers` >= 1. `logit_scale` stays
+        trainable, as open_clip's tower locks leave it. None leaves a tower as it is."""
+        if unlocked_image_groups is not None:
+            groups = self.image_groups()
+            for i, group in enumerate(groups):
+                group.requires_grad_(i >= len(groups) - unlocked_image_groups)
+        if unlocked_text_layers is not None:
+            self.query.requires_grad_(unlocked_text_layers >= 1)
+            if self.text is not None:
+                self.text.requires_grad_(unlocked_text_layers >= 1)
+
 
 # ------------------------------------------------------------------ open_clip (HPSv2 layout)
 def open_clip_unavailable_reason() -> str | None:

@@ -409,26 +409,60 @@ def train_frm(
 
 
 # ------------------------------------------------------------------ online updates (ReFL's dynamic FRM)
+def unlocked_parameters(model: FaceRewardModel, image_groups: int, text_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """The FRM's parameters the dynamic FRM may train: the last `image_groups` image groups and
+    `text_layers` text layers (the towers' own `lock`), plus `logit_scale`. The model is left with
+    requires_grad off everywhere (`preference_step` turns it on for the step only)."""
+    model.requires_grad_(True)
+    model.backbone.lock(image_groups, text_layers)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    return named
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """HPSv2's and DiffusionReward's rule: no decay on biases, norms, gains and the temperature."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "norm" in name or "bias" in name or "logit_scale" in name
+
+
+def dynamic_frm_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the unlocked parameters, weight decay on the decayed group only."""
+    decay = [p for n, p in named if not no_weight_decay(n, p)]
+    other = [p for n, p in named if no_weight_decay(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr)
+
+
 def preference_step(
-    model: FaceRewardModel, opt: torch.optim.Optimizer, preferred: torch.Tensor, other: torch.Tensor, grad_clip: float = 1.0
+    model: FaceRewardModel,
+    opt: torch.optim.Optimizer,
+    preferred: torch.Tensor,
+    other: torch.Tensor,
+    grad_clip: float = 1.0,
+    captions: list[str] | None = None,
+    weight: float = 1.0,
 ) -> tuple[float, float]:
-    """One Bradley-Terry step that teaches `model` to prefer `preferred[i]` over `other[i]` (Bx3xHxW in [0, 1]).
+    """One step that teaches `model` to prefer `preferred[i]` over `other[i]` (Bx3xHxW in [0, 1]),
+    both judged against caption i.
 
     Used by `refl` to keep the judge ahead of the generator (ground truth over current
-    restorations). The model's mode is left as it is (eval keeps BatchNorm statistics fixed) and
-    its parameters need grads only during the step. Returns (loss, pairwise accuracy before the step).
+    restorations): for one pair, the 2-way softmax cross-entropy over logit_scale * <t, i> with the
+    preferred image as the label is this Bradley-Terry loss. `weight` scales the loss before the
+    gradient clip (DiffusionReward: 0.1). The model's mode is left as it is (eval keeps BatchNorm
+    statistics fixed) and only the optimizer's parameters get grads, during the step only.
+    Returns (unweighted loss, pairwise accuracy before the step).
     """
     params = [p for group in opt.param_groups for p in group["params"]]
     before = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
+    caps = list(captions) if captions is not None and model.uses_captions else None
     try:
         with torch.enable_grad():
             n = preferred.shape[0]
             ones = torch.ones(n, device=preferred.device)
-            loss, logits = bt_loss(model, preferred.detach(), other.detach(), ones, ones, None)
+            loss, logits = bt_loss(model, preferred.detach(), other.detach(), ones, ones, caps)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (weight * loss).backward()
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
