@@ -85,11 +85,7 @@ def _load_published(
     if spec.kind == "diffbir-v1":
         if lora is not None:
             raise InputError(f"--lora is for one-step models; {where} is a multi-step ControlNet model")
-        preset = spec.preset or DEFAULT_PRESET
-        model = DiffBIRRestorer.from_files(
-            spec.sd, spec.controlnet, spec.swinir, preset=preset, device=device, dtype=dtype, cache_dir=prompt_cache_dir(), **sampling
-        )
-        return model.eval()
+        return _diffbir(spec, device, dtype, sampling).eval()
     restorer = load_osediff(spec.sd, spec.osediff, cache_dir=prompt_cache_dir(), device="cpu", dtype=torch.float32)
     return _with_lora(restorer, lora).to(device=device, dtype=dtype).eval()
 
@@ -106,6 +102,32 @@ def prompt_cache_dir() -> Path:
     """Where the empty prompt's text embedding of an SD checkpoint is kept between runs: encoding
     it reads the 1.4 GB text tower out of the checkpoint, which need happen once."""
     return store_dir() / "prompts"
+
+
+def load_tunable_diffbir(value: str | Path, sampling: Mapping[str, Any] | None = None) -> tuple[DiffBIRRestorer, ModelFile] | None:
+    """The DiffBIR-kind model `value` names, in fp32 on the CPU, with its model file (for the
+    tuned result's `base`); None when `value` is not one (a one-step restorer, say)."""
+    spec = resolve_model_value(value)
+    if spec is None or spec.kind != "diffbir-v1":
+        return None
+    return _diffbir(spec, sampling=sampling), spec
+
+
+def _diffbir(
+    spec: ModelFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, sampling: Mapping[str, Any] | None = None
+) -> DiffBIRRestorer:
+    """A diffbir-v1 model file's restorer with its paper's sampler (`preset`), `sampling` on top."""
+    preset = spec.preset or DEFAULT_PRESET
+    return DiffBIRRestorer.from_files(
+        spec.sd,
+        spec.controlnet,
+        spec.swinir,
+        preset=preset,
+        device=device,
+        dtype=dtype,
+        cache_dir=prompt_cache_dir(),
+        **dict(sampling or {}),
+    )
 
 
 def load_tunable_restorer(value: str | Path) -> OneStepRestorer:
