@@ -339,10 +339,12 @@ def test_config_rejects_settings_that_cannot_train(assets) -> None:
         ({"eta": 0.0}, "eta"),
         ({"likelihood_steps": 0}, "likelihood_steps"),  # was 3 > sampling_steps: now the last 5 trained steps, or all when fewer
         ({"timestep_fraction": 0.0}, "timestep_fraction"),
-        ({"lora_rank": 0}, "lora_rank"),
+        ({"lora_rank": -1}, "lora_rank"),
     ]:
         with pytest.raises(ValueError, match=match):
             tiny_config(assets, **bad)
+    with pytest.raises(ValueError, match="lora_rank = 0"):  # the whole ControlNet: DiffBIR-kind bases only
+        build_lrpo(tiny_config(assets, lora_rank=0))
     with pytest.raises(ValueError, match="unknown"):
         LrpoConfig.from_dict({"grup_size": 4})
 

@@ -163,10 +163,10 @@ def test_compile_reaches_the_diffbir_networks_and_keeps_the_output(files: dict[s
 
 
 @pytest.mark.parametrize("method", ["refl", "lrpo"])
-def test_refl_and_lrpo_tune_an_osediff_model_file_and_refuse_a_diffbir_one(files: dict[str, Path], tmp_path: Path, method: str) -> None:
+def test_refl_and_lrpo_tune_an_osediff_model_file(files: dict[str, Path], tmp_path: Path, method: str) -> None:
     """`refl`/`lrpo --model` take what `restore --model` takes, through the one loader: an OSEDiff
-    model file (SD ldm + pkl) is tuned and `restore --model ... --lora` runs the result; a
-    DiffBIR model is refused in one line (tuning its ControlNet is not built yet)."""
+    model file (SD ldm + pkl) is tuned and `restore --model ... --lora` runs the result (DiffBIR
+    bases: tests/test_refl_controlnet.py, tests/test_lrpo_controlnet.py)."""
     import json
 
     import test_lrpo
@@ -183,5 +183,3 @@ def test_refl_and_lrpo_tune_an_osediff_model_file_and_refuse_a_diffbir_one(files
     assert tuned.exit_code == 0, tuned.output
     code, output, image = restore(tmp_path, "out", "--model", str(osediff), "--lora", str(tmp_path / "run" / "lora.safetensors"))
     assert code == 0 and image is not None, output
-    refused = CliRunner().invoke(main, [*run, str(model_file(tmp_path / "v1.toml", files)), "--out", str(tmp_path / "no")])
-    assert refused.exit_code == 2 and "its ControlNet cannot be tuned yet" in refused.output

@@ -8,6 +8,7 @@ import click
 from facerestore_cli.commands.ui import (
     base_model_option,
     config_and_data_options,
+    console,
     load_run_config,
     print_run_end,
     print_run_summary,
@@ -30,16 +31,28 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, mod
     with noise-level advantages and one optimizer step per trained timestep, and a ground-truth
     likelihood term.
 
+    A DiffBIR-kind --model (a diffbir-v1 model file) trains its ControlNet as the paper does (whole
+    with lora_rank = 0, else LoRA on it) with a DDIM eta = 1 policy over its steps, and the run
+    writes RUN/controlnet.pth and RUN/model.toml for `restore --model`. The estimated peak memory
+    is printed at the start.
+
     \b
     Example:
       facerestore lrpo --config configs/lrpo_tiny.toml --data data/train_faces --out runs/lrpo
       facerestore restore photos/ -o out/ --lora runs/lrpo/lora.safetensors
+      facerestore lrpo --config configs/lrpo_published_smoke.toml --model diffbir.toml --data crops --out runs/cn
+      facerestore restore photos/ -o out/ --model runs/cn/model.toml
     """
     from facerestore_cli.train.lrpo import LrpoConfig, train_lrpo
 
     cfg = load_run_config(LrpoConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     cfg.model = model or cfg.model
     dev = run_device(device)
+
+    def on_setup(setup: dict[str, str]) -> None:
+        for key, value in setup.items():
+            console.print(f"lrpo: {key}: {value}", highlight=False)
+
     if secondary_process():
         train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
         return
@@ -58,8 +71,16 @@ def lrpo_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, mod
             )
 
         with user_errors():
-            result = train_lrpo(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)
+            result = train_lrpo(
+                cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start, on_setup=on_setup
+            )
     print_run_summary("lrpo summary", result.summary())
-    mode = "one step" if cfg.sampling_steps == 1 else f"{cfg.sampling_steps} sampling steps"
-    done = [f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
+    steps = result.extra.get("sampling_steps", cfg.sampling_steps)
+    if "tuned" in result.extra:
+        done = [f"tuned ControlNet: {run_dir / 'controlnet.pth'}; model file: {run_dir / 'model.toml'} (restore --model ...)"]
+    else:
+        mode = "one step" if steps == 1 else f"{steps} sampling steps"
+        done = [
+            f"LoRA ({mode}): {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"
+        ]
     print_run_end(result.finished, result.step, done)

@@ -8,6 +8,7 @@ import click
 from facerestore_cli.commands.ui import (
     base_model_option,
     config_and_data_options,
+    console,
     load_run_config,
     print_run_end,
     print_run_summary,
@@ -24,18 +25,29 @@ from facerestore_cli.commands.ui import (
 )
 @base_model_option
 def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, model) -> None:
-    """Fine-tune the restorer's LoRA adapters with reward feedback from the FRM (DiffusionReward).
+    """Fine-tune the restorer with reward feedback from the FRM (DiffusionReward).
+
+    A one-step restorer learns LoRA adapters; a DiffBIR-kind --model (a diffbir-v1 model file)
+    learns its ControlNet (whole with lora_rank = 0, else LoRA on it) and the run writes
+    RUN/model.toml for `restore --model`. The estimated peak memory is printed at the start.
 
     \b
     Example:
       facerestore refl --config configs/refl_tiny.toml --data data/train_faces --out runs/refl
       facerestore restore photos/ -o out/ --lora runs/refl/lora.safetensors
+      facerestore refl --config configs/refl_published_smoke.toml --model diffbir.toml --data crops --out runs/cn
+      facerestore restore photos/ -o out/ --model runs/cn/model.toml
     """
     from facerestore_cli.train.refl import ReflConfig, train_refl
 
     cfg = load_run_config(ReflConfig, config_path, steps, "data", data, "no training data: give --data or set `data` in the config")
     cfg.model = model or cfg.model
     dev = run_device(device)
+
+    def on_start(setup: dict[str, str]) -> None:
+        for key, value in setup.items():
+            console.print(f"refl: {key}: {value}")
+
     if secondary_process():
         train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes)
         return
@@ -49,9 +61,12 @@ def refl_cmd(config_path, run_dir, data, steps, device, resume, max_minutes, mod
             progress.update(task, completed=step, description=desc)
 
         with user_errors():
-            result = train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step)
+            result = train_refl(cfg, run_dir, device=dev, resume=resume, max_minutes=max_minutes, on_step=on_step, on_start=on_start)
     print_run_summary("refl summary", result.summary())
-    done = [f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
+    if (run_dir / "model.toml").is_file() and "tuned" in result.extra:
+        done = [f"tuned ControlNet: {run_dir / 'controlnet.pth'}; model file: {run_dir / 'model.toml'} (restore --model ...)"]
+    else:
+        done = [f"LoRA: {run_dir / 'lora.safetensors'} (restore --model {cfg.model} --lora ...); merged model: {run_dir / 'final'}"]
     if result.extra["frm"] == "dynamic":
         done.append(f"updated FRM: {run_dir / 'frm_final'}")
     print_run_end(result.finished, result.step, done)

@@ -131,16 +131,16 @@ def _diffbir(
 
 
 def load_tunable_restorer(value: str | Path) -> OneStepRestorer:
-    """The base `refl` and `lrpo` tune, in fp32 on the CPU: a one-step restorer given as any
-    `--model` value (a restorer folder, SD 2.1 with its OSEDiff model file, ...). A multi-step
-    model is refused in one line: tuning a DiffBIR ControlNet is another method, not built yet."""
+    """A one-step base of `refl` and `lrpo`, in fp32 on the CPU, given as any `--model` value (a
+    restorer folder, SD 2.1 with its OSEDiff model file, ...); DiffBIR-kind bases are
+    `load_tunable_diffbir`'s, and anything else is refused in one line."""
     spec = resolve_model_value(value)
     if spec is None:
         return load_model_folder(value, torch_dtype=torch.float32)
     if spec.kind == "osediff":
         return load_osediff(spec.sd, spec.osediff, cache_dir=prompt_cache_dir(), device="cpu", dtype=torch.float32)
-    what = "a Face Reward Model" if spec.kind == "frm" else f"a {spec.kind} model (its ControlNet cannot be tuned yet)"
-    raise InputError(f"{value} is {what}: refl and lrpo tune one-step restorers (a restorer folder or an osediff model)")
+    what = "a Face Reward Model" if spec.kind == "frm" else f"a {spec.kind} model"
+    raise InputError(f"{value} is {what}, not a one-step restorer (a restorer folder or an osediff model)")
 
 
 def load_model_for_training(spec: str) -> OneStepRestorer:

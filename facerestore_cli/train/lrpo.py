@@ -19,34 +19,47 @@ One runner step is one sampling round followed by the policy's optimizer steps:
 6. Ground-truth likelihood on the last `likelihood_steps` (5) trained steps:
    reg = mean_b[1 - exp(mean_dims log N(g_prev; mu_theta(g_t), sigma_t^2) / 40)], total = policy +
    `likelihood_weight` (1e-3) reg; see `ground_truth_trajectory` for how the LQ conditions it.
+
+The config and these shared functions live in train/lrpo_core.py (re-exported here). A DiffBIR-kind
+`--model` is trained as the paper does, its ControlNet the policy (train/lrpo_controlnet.py);
+`train_lrpo` picks the method from the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from facerestore_cli.data.degrade import DegradationConfig
-from facerestore_cli.errors import FacerestoreError, InputError
-from facerestore_cli.models.loading import load_tunable_restorer
+from facerestore_cli.errors import InputError
+from facerestore_cli.models.loading import load_tunable_diffbir, load_tunable_restorer
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import (
-    CLEAN,
     Transition,
-    ddim_posterior,
     gaussian_log_prob,
     sample_trajectories,
     step_distribution,
     transition_log_prob,
 )
-from facerestore_cli.rewards.composite import CompositeReward, RewardSources, RewardWeights
-from facerestore_cli.rewards.frm import load_frm
+from facerestore_cli.rewards.composite import CompositeReward
+from facerestore_cli.train.lrpo_controlnet import ControlNetLrpoMethod
+from facerestore_cli.train.lrpo_core import (
+    ADVANTAGE_EPS,
+    LIKELIHOOD_TEMPERATURE,
+    ONE_STEP_SAMPLING_STEPS,
+    LrpoConfig,
+    composite_reward,
+    ground_truth_trajectory,
+    group_advantages,
+    likelihood_regulariser,
+    noise_level_weights,
+    ppo_loss,
+    step_advantages,
+    trained_steps,
+)
 from facerestore_cli.train.runner import (
     LORA_FILE,
-    LoraTuningConfig,
     RunResult,
     TrainingMethod,
     degraded_pair,
@@ -58,166 +71,25 @@ from facerestore_cli.train.runner import (
     whole_face_loader,
 )
 
-#: the paper's advantage normaliser: the std over the round's samples plus this.
-ADVANTAGE_EPS = 1e-4
-#: the GT likelihood's temperature: 1 - exp(mean log N / 40).
-LIKELIHOOD_TEMPERATURE = 40.0
-
-
-@dataclass
-class LrpoConfig(LoraTuningConfig):
-    """Everything an LRPO run depends on; saved beside the checkpoints. Defaults are the paper's."""
-
-    TABLES = {"rewards": RewardWeights, "degradation": DegradationConfig}
-    KIND = "lrpo config"
-
-    steps: int = 200
-    #: degraded faces per step (per process); each is restored group_size times.
-    batch_size: int = 2
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    log_every: int = 5
-    checkpoint_every: int = 25
-    group_size: int = 9
-    #: 1: the one-step restorer with a Gaussian policy around its output; more: few-step DDIM.
-    sampling_steps: int = 3
-    eta: float = 1.0
-    #: spread of the last transition (the Gaussian around the predicted clean latent), latent units.
-    final_std: float = 0.05
-    #: the share of the sampling steps trained, first ones first (the paper: 0.99 -> 49 of 50). 1.0 here:
-    #: with 1-3 steps, 0.99 would drop the last step (or, in one-step mode, the only one).
-    timestep_fraction: float = 1.0
-    clip_range: float = 1e-4
-    advantage_clip: float = 5.0
-    noise_level_advantage: bool = True
-    #: ground-truth likelihood regularisation; 0 switches it off.
-    likelihood_weight: float = 1e-3
-    #: on the last this many trained steps (all of them when fewer).
-    likelihood_steps: int = 5
-    #: each component's judge (rewards.composite.RewardSources): the paper's by default.
-    fidelity_metric: str = "lpips-vgg"
-    quality_metric: str = "clipiqa"
-    structure_metric: str = "dtcwt"
-    #: torchvision's VGG16 weights file (vgg16-397923af.pth): LPIPS-VGG's backbone.
-    lpips_vgg_weights: str = ""
-    #: LPIPS's linear layers; empty: the v0.1 vgg.pth inside the lpips package.
-    lpips_linear_weights: str = ""
-    #: an open_clip checkpoint of CLIP RN50 (OpenAI weights) for CLIP-IQA.
-    clipiqa_weights: str = ""
-    clipiqa_arch: str = "RN50-quickgelu"
-    #: DTCWT levels of the structure term (the reward server's J = 3).
-    dtcwt_levels: int = 3
-    #: train without a missing reward component (remaining weights renormalised) or with a fallback judge.
-    allow_missing_rewards: bool = False
-    rewards: RewardWeights = field(default_factory=RewardWeights)
-
-    def validate(self) -> None:
-        """One clear error per impossible setting."""
-        super().validate()
-        checks = [
-            (self.group_size >= 2, f"group_size must be at least 2 (advantages compare restorations of one face), not {self.group_size}"),
-            (self.sampling_steps >= 1, f"sampling_steps must be at least 1, not {self.sampling_steps}"),
-            (self.sampling_steps == 1 or self.eta > 0, "eta must be > 0 with several sampling steps (eta 0 leaves no transition to score)"),
-            (self.final_std > 0, f"final_std must be > 0, not {self.final_std}"),
-            (0 < self.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], not {self.timestep_fraction}"),
-            (self.clip_range > 0 and self.advantage_clip > 0, "clip_range and advantage_clip must be > 0"),
-            (
-                self.likelihood_steps >= 1,
-                f"likelihood_steps must be at least 1 (likelihood_weight = 0 switches the term off), not {self.likelihood_steps}",
-            ),
-            (self.dtcwt_levels >= 1, f"dtcwt_levels must be at least 1, not {self.dtcwt_levels}"),
-            (self.likelihood_weight >= 0 and all(w >= 0 for w in asdict(self.rewards).values()), "weights must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-
-    def reward_sources(self) -> RewardSources:
-        return RewardSources(
-            self.fidelity_metric,
-            self.quality_metric,
-            self.structure_metric,
-            self.lpips_vgg_weights,
-            self.lpips_linear_weights,
-            self.clipiqa_weights,
-            self.clipiqa_arch,
-            self.dtcwt_levels,
-            self.wavelet_levels,
-            self.allow_missing_rewards,
-        )
-
-
-def trained_steps(sampling_steps: int, fraction: float) -> int:
-    """How many steps of a trajectory are trained (the first ones): int(steps x fraction), at least 1."""
-    return max(1, int(sampling_steps * fraction))
-
-
-def group_advantages(rewards: torch.Tensor, round_std: torch.Tensor | float | None = None, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
-    """(faces, group) rewards -> advantages: minus the group's mean, over the std of every sample of
-    the round (`round_std`, gathered over processes; this batch's when None) + eps."""
-    std = rewards.std(unbiased=False) if round_std is None else torch.as_tensor(round_std)
-    return (rewards - rewards.mean(dim=1, keepdim=True)) / (std + eps)
-
-
-def noise_level_weights(sigmas: list[float]) -> list[float]:
-    """w_j = sigma_j / mean(sigma) over the trajectory's steps in sampling order (all ones when every sigma is ~0)."""
-    mean = sum(sigmas) / len(sigmas)
-    return [1.0] * len(sigmas) if mean < 1e-6 else [s / mean for s in sigmas]
-
-
-def step_advantages(
-    advantages: torch.Tensor, noise_levels: list[float], noise_level_weighting: bool = True, clip: float = 5.0
-) -> list[torch.Tensor]:
-    """Each step's advantage: A_j = clip(A w_j, -clip, clip), w_j from `noise_level_weights` (when enabled)."""
-    weights = noise_level_weights(noise_levels) if noise_level_weighting else [1.0] * len(noise_levels)
-    return [(advantages * w).clamp(-clip, clip) for w in weights]
-
-
-def ppo_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate (to minimise) and the share of samples whose ratio was clipped."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
-
-
-@torch.no_grad()
-def ground_truth_trajectory(
-    model: OneStepRestorer, z_lq: torch.Tensor, z_gt: torch.Tensor, path: list[Transition], eta: float, gen: torch.Generator | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(g_t, g_prev) of every step of `path`: the ground truth's latent noised along the same timesteps.
-
-    How the LQ conditions it: this restorer has no condition input besides its state (the prompt
-    embedding is fixed); the LQ enters the policy as the start state, its latent read as z_t at
-    the first timestep, and every later state descends from it. The GT term takes the same path:
-    g_{t_1} = the LQ's latent (the policy's own first state; against the GT it is the GT noised
-    with eps_LQ = (z_LQ - sqrt(a_1) z_GT) / sqrt(1 - a_1)), and each next state is drawn from DDIM's
-    posterior q_sigma(g_prev | g_t, x0 = z_GT) with the policy's own sigma, so each g_t is the GT
-    at that timestep's noise level and still carries the LQ; the last target is z_GT itself.
-    The restorer's mean mu_theta(g_t) is then exactly its step from a state the LQ conditions,
-    and the likelihood is highest when it predicts the GT from it. (DiffBIR's policy instead
-    takes the LQ through its ControlNet and starts from noise; the paper's GT states there
-    carry no LQ because the condition does.) In one-step mode the term is the likelihood of
-    z_GT under the Gaussian around the restorer's output for the LQ.
-    """
-    g, out = z_lq.float(), []
-    for step in path:
-        if step.t_prev == CLEAN:
-            out.append((g, z_gt.float()))
-            break
-        mean, std = ddim_posterior(model, g, z_gt.float(), step.t, step.t_prev, eta)
-        noise = torch.randn(g.shape, generator=gen).to(g.device) if gen is not None else torch.randn_like(g)
-        g_prev = mean + std * noise
-        out.append((g, g_prev))
-        g = g_prev
-    return out
-
-
-def likelihood_regulariser(log_prob: torch.Tensor, temperature: float = LIKELIHOOD_TEMPERATURE) -> torch.Tensor:
-    """mean_b[1 - exp(mean_dims log N / temperature)]: bounded above by 1, so a far-off GT cannot dominate the policy."""
-    return (1 - torch.exp(log_prob / temperature)).mean()
+#: the shared parts (train/lrpo_core.py) are importable from here too, as before they moved.
+__all__ = [
+    "ADVANTAGE_EPS",
+    "LIKELIHOOD_TEMPERATURE",
+    "ControlNetLrpoMethod",
+    "LrpoConfig",
+    "LrpoMethod",
+    "LrpoObjective",
+    "build_lrpo",
+    "ground_truth_trajectory",
+    "group_advantages",
+    "likelihood_regulariser",
+    "noise_level_weights",
+    "ppo_loss",
+    "rollout",
+    "step_advantages",
+    "train_lrpo",
+    "trained_steps",
+]
 
 
 class LrpoObjective(torch.nn.Module):
@@ -247,20 +119,16 @@ class LrpoObjective(torch.nn.Module):
 
 def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, CompositeReward]:
     """The base restorer in the configured sampling mode with fresh UNet LoRA (base frozen), and the reward."""
+    if cfg.lora_rank == 0:
+        raise InputError("lora_rank = 0 (the whole ControlNet) is for DiffBIR-kind models; a one-step restorer tunes LoRA (lora_rank >= 1)")
     model = load_tunable_restorer(cfg.model).train()
     if cfg.face_size % model.size_multiple:
         raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
+    if cfg.sampling_steps is None:
+        cfg.sampling_steps = ONE_STEP_SAMPLING_STEPS
     model.config.sampling_steps = cfg.sampling_steps
     model.config.validate()  # the steps must fit below the model's timestep
-    frm, frm_missing = None, "weight 0"
-    if cfg.rewards.frm:
-        try:
-            frm = load_frm(cfg.frm, device).eval().requires_grad_(False)
-        except FacerestoreError as err:
-            if not cfg.allow_missing_rewards:
-                raise
-            frm_missing = f"{cfg.frm}: {err}"
-    reward = CompositeReward(cfg.rewards, frm, model.vae.encoder, sources=cfg.reward_sources(), frm_missing=frm_missing)
+    reward = composite_reward(cfg, model.vae.encoder, device)
     model.add_lora(rank_unet=cfg.lora_rank, rank_vae=0, alpha=cfg.lora_alpha)
     model.freeze_base()
     return model.to(device), reward
@@ -381,6 +249,7 @@ def train_lrpo(
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[list[str]], None] | None = None,
+    on_setup: Callable[[dict[str, str]], None] | None = None,
 ) -> RunResult:
     """Fine-tune (or resume) with LRPO; returns the run's summary.
 
@@ -391,8 +260,15 @@ def train_lrpo(
     run_dir/final (merged, fp16). `on_start` gets the reward's component report (judges, fallbacks,
     what was dropped and why, renormalisation). Several processes: `accelerate launch` or
     torchrun; each samples its own faces, advantages use the standard deviation over all.
+
+    A DiffBIR-kind `cfg.model` (a diffbir-v1 model file or store name) tunes its ControlNet
+    instead (`ControlNetLrpoMethod`, train/lrpo_controlnet.py): the checkpoint holds the trainable
+    ControlNet weights, and a finished run writes run_dir/controlnet.pth and run_dir/model.toml
+    (for `restore --model`). `on_setup` is told its setup (the estimated peak memory) first.
     """
-    return run_training(LrpoMethod(cfg, on_start), run_dir, device, resume, max_minutes, on_step)
+    loaded = load_tunable_diffbir(cfg.model)
+    method = LrpoMethod(cfg, on_start) if loaded is None else ControlNetLrpoMethod(cfg, *loaded, on_start=on_start, on_setup=on_setup)
+    return run_training(method, run_dir, device, resume, max_minutes, on_step)
 
 
 @torch.no_grad()

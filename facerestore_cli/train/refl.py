@@ -29,13 +29,17 @@ The FRM runs in eval mode throughout (BatchNorm statistics fixed).
 
 Faces are whole aligned crops resized to `face_size`, degraded on the fly with the restorer's
 512-px degradation parameters scaled to that size (`data.autopairs.degrade_at`).
+
+A DiffBIR-kind `--model` (a diffbir-v1 model file or store name) is tuned as the paper tunes it:
+its ControlNet (whole, `lora_rank = 0`, or LoRA on it), with the control-residual regulariser,
+exported as a model file `restore --model` takes (`ControlNetReflMethod`; train/controlnet.py, train/refl_controlnet.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,10 +50,24 @@ from facerestore_cli.data.captions import CaptionLookup
 from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.errors import InputError
-from facerestore_cli.models.loading import load_tunable_restorer
+from facerestore_cli.models.diffbir import DiffBIRRestorer
+from facerestore_cli.models.loading import load_tunable_diffbir, load_tunable_restorer
+from facerestore_cli.models.model_file import ModelFile
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.sampler import sampling_timesteps, step_distribution
 from facerestore_cli.rewards.frm import FaceRewardModel, load_frm
+from facerestore_cli.train import refl_controlnet as rc
+from facerestore_cli.train.controlnet import (
+    OPTIMIZERS,
+    TunableControlNet,
+    build_tuning,
+    describe_memory,
+    export_tuned,
+    load_state,
+    optimizer,
+    save_state,
+    uses_bf16,
+)
 from facerestore_cli.train.frm import dynamic_frm_optimizer, preference_step, unlocked_parameters
 from facerestore_cli.train.refl_losses import STRUCTURAL_KINDS, LowPassL1, ReflStep, make_regulariser, perceptual_loss
 from facerestore_cli.train.runner import (
@@ -101,7 +119,12 @@ class ReflConfig(LoraTuningConfig):
     #: torchvision's VGG16 weights file for LPIPS-VGG; "" uses the encoder-feature fallback.
     lpips_vgg: str = ""
     #: regulariser kind (refl_losses.REGULARISERS); "output_latent" compares against the frozen base.
+    #: A ControlNet (DiffBIR-kind) base takes "control_residuals" (the paper's) in its place.
     regulariser: str = "output_latent"
+    #: ControlNet bases: "adamw" or "adamw8bit" (bitsandbytes' 8-bit AdamW, to fit one GPU).
+    optimizer: str = "adamw"
+    #: ControlNet bases: gradient checkpointing on the UNet and the ControlNet.
+    gradient_checkpointing: bool = False
     #: the faces' captions for the FRM: a JSONL file ({"image", "caption"}), "txt" (a .txt beside each image) or "".
     captions: str = ""
     #: the caption of faces without one (every face when `captions` is "").
@@ -122,8 +145,11 @@ class ReflConfig(LoraTuningConfig):
     losses: ReflLossWeights = field(default_factory=ReflLossWeights)
 
     def validate(self) -> None:
-        super().validate()
+        # lora_rank 0 tunes a ControlNet base's whole ControlNet; a one-step base refuses it when built
+        LoraTuningConfig.validate(replace(self, lora_rank=max(self.lora_rank, 1)))
         checks = [
+            (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: the whole ControlNet of a DiffBIR model), not {self.lora_rank}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"),
             (self.frm_update_every >= 0, f"frm_update_every must be >= 0 (0 keeps the FRM frozen), not {self.frm_update_every}"),
             (all(w >= 0 for w in asdict(self.losses).values()), "loss weights must be >= 0"),
@@ -181,14 +207,30 @@ class ReflObjective(torch.nn.Module):
     frozen copy of the base encoder).
     """
 
-    def __init__(self, model: OneStepRestorer, frm: FaceRewardModel, weights: ReflLossWeights, cfg: ReflConfig | None = None):
+    #: the kind of model it tunes (the regulariser must be made for it).
+    BASE = "one-step"
+
+    def __init__(
+        self, model: OneStepRestorer | DiffBIRRestorer, frm: FaceRewardModel, weights: ReflLossWeights, cfg: ReflConfig | None = None
+    ):
         super().__init__()
         cfg = cfg or ReflConfig()
         self.model, self.weights, self.last_steps = model, weights, cfg.refl_last_steps
         self.frm = [frm]  # a list keeps the FRM out of this module's parameters (it has its own optimizer)
         self.structural = LowPassL1(cfg.structural_loss, cfg.dtcwt_levels, cfg.wavelet_levels) if weights.structural else None
         self.perceptual = perceptual_loss(model.vae.encoder, cfg.lpips_vgg) if weights.perceptual else None
-        self.regulariser = make_regulariser(cfg.regulariser)
+        self.regulariser = make_regulariser(self.regulariser_kind(cfg.regulariser), self.BASE)
+
+    def regulariser_kind(self, configured: str) -> str:
+        return configured
+
+    def trained_step(self, lq: torch.Tensor, gen: torch.Generator | None) -> tuple[ReflStep, torch.Tensor]:
+        """The trained step and the decoded (unclamped) restoration of LQ in [-1, 1]."""
+        return refl_forward(self.model, lq, self.last_steps, gen)
+
+    def regularised(self) -> object:
+        """What the regulariser compares with its frozen start."""
+        return self.model
 
     def describe(self) -> dict[str, str]:
         """Which form of each guard term this run uses (the summary names fallbacks)."""
@@ -204,8 +246,8 @@ class ReflObjective(torch.nn.Module):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Images in [-1, 1]. Returns (terms with 'total', the mean 'frm_score' and the trained
         'refl_step', restored in [0, 1] detached)."""
-        model, w = self.model, self.weights
-        step, restored = refl_forward(model, lq, self.last_steps, gen)
+        w = self.weights
+        step, restored = self.trained_step(lq, gen)
         image01 = (restored.float().clamp(-1, 1) + 1) / 2  # the FRM judges valid images only
         score = self.frm[0](image01, captions)
         terms: dict[str, torch.Tensor] = {"reward": (1 - score).mean()}
@@ -214,7 +256,7 @@ class ReflObjective(torch.nn.Module):
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(restored, hq)
         if w.regulariser:
-            terms["regulariser"] = self.regulariser(model, step)
+            terms["regulariser"] = self.regulariser(self.regularised(), step)
         terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())
         terms["frm_score"] = score.detach().mean()
         terms["refl_step"] = torch.tensor(float(step.index))
@@ -224,6 +266,8 @@ class ReflObjective(torch.nn.Module):
 def build_refl(cfg: ReflConfig, device: torch.device | str = "cpu") -> tuple[OneStepRestorer, FaceRewardModel, ReflObjective]:
     """The base restorer in the configured sampling mode with fresh LoRA adapters (base frozen; the
     encoder gets none in few-step mode), the FRM (frozen, eval) and the objective."""
+    if cfg.lora_rank == 0:
+        raise InputError("lora_rank = 0 (the whole ControlNet) is for DiffBIR-kind models; a one-step restorer tunes LoRA (lora_rank >= 1)")
     model = load_tunable_restorer(cfg.model).train()
     if cfg.face_size % model.size_multiple:
         raise InputError(f"face_size {cfg.face_size} must be a multiple of {model.size_multiple} for this model")
@@ -270,11 +314,17 @@ class ReflMethod(TrainingMethod):
     def build(self, ckpt: Path | None) -> None:
         cfg = self.cfg
         self.model, self.frm, self.objective = build_refl(cfg, self.acc.device)
-        self.frm_start = copy.deepcopy(self.frm) if cfg.dynamic_frm else None  # the judge before any update, for the log
         if ckpt is not None:
             self.model.load_lora(ckpt / "model" / LORA_FILE)
         self.trainable = self.model.lora_parameters()
         self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.precision = cfg.precision
+        self.build_judge()
+
+    def build_judge(self) -> None:
+        """The dynamic FRM's optimiser and start copy, the captions and the setup the log names."""
+        cfg = self.cfg
+        self.frm_start = copy.deepcopy(self.frm) if cfg.dynamic_frm else None  # the judge before any update, for the log
         self.frm_opt = frm_optimizer(self.frm, cfg) if cfg.dynamic_frm else None
         self.frm_updates, self.logged_setup = 0, False
         self.captions = CaptionLookup.from_config(cfg.captions, cfg.caption)
@@ -302,7 +352,7 @@ class ReflMethod(TrainingMethod):
         captions = list(captions) if self.frm.uses_captions else None
         hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
         self.set_lr(step)
-        with autocast(acc.device, cfg.precision):
+        with autocast(acc.device, self.precision):
             losses, restored = self.objective(lq * 2 - 1, hq * 2 - 1, captions, gen=self.gen)
         update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip)
         terms = {k: float(v.detach()) for k, v in losses.items()}
@@ -327,7 +377,7 @@ class ReflMethod(TrainingMethod):
                 captions = list(gather_object(captions))
             for group in self.frm_opt.param_groups:
                 group["lr"] = self.frm_lr_now()
-            with autocast(acc.device, cfg.precision):
+            with autocast(acc.device, self.precision):
                 frm_loss, frm_acc = preference_step(
                     self.frm, self.frm_opt, acc.gather(hq), acc.gather(restored), cfg.frm_grad_clip, captions, cfg.frm_loss_weight
                 )
@@ -373,6 +423,66 @@ class ReflMethod(TrainingMethod):
         }
 
 
+class ControlNetReflObjective(ReflObjective):
+    """ReFL's loss on a DiffBIR model: the trained step is the ControlNet's (rc.trained_step) and
+    the regulariser compares its control residuals with the frozen copy's."""
+
+    BASE = "controlnet"
+
+    def __init__(self, tuning: TunableControlNet, frm: FaceRewardModel, weights: ReflLossWeights, cfg: ReflConfig):
+        super().__init__(tuning.model, frm, weights, cfg)
+        self.tuning = tuning
+
+    def regulariser_kind(self, configured: str) -> str:
+        return "control_residuals" if configured == "output_latent" else configured
+
+    def trained_step(self, lq: torch.Tensor, gen: torch.Generator | None) -> tuple[ReflStep, torch.Tensor]:
+        return rc.trained_step(self.tuning, lq, self.model.steps, self.last_steps, gen)
+
+    def regularised(self) -> object:
+        return self.tuning
+
+
+class ControlNetReflMethod(ReflMethod):
+    """ReFL of a DiffBIR-kind model's ControlNet (whole or LoRA) on the shared loop; the data, the
+    dynamic FRM and the step are ReflMethod's. `model` and `spec` come from `load_tunable_diffbir`."""
+
+    def __init__(self, cfg: ReflConfig, model: DiffBIRRestorer, spec: ModelFile, on_start: Callable | None = None) -> None:
+        super().__init__(cfg)
+        self.loaded, self.spec, self.on_start = model, spec, on_start
+
+    def build(self, ckpt: Path | None) -> None:
+        cfg, device = self.cfg, self.acc.device
+        model, self.loaded = self.loaded, None
+        if cfg.sampling_steps is not None:
+            model.configure(steps=cfg.sampling_steps)
+        self.precision = "bf16" if uses_bf16(cfg, device) else "fp32"
+        self.frm = load_frm(cfg.frm).eval().requires_grad_(False).to(device)
+        self.tuning = build_tuning(model, cfg, device)
+        self.model = model
+        self.objective = ControlNetReflObjective(self.tuning, self.frm, cfg.losses, cfg).to(device)
+        if ckpt is not None:
+            load_state(self.tuning, ckpt / "model")
+        self.trainable = self.tuning.parameters()
+        self.opt = optimizer(self.trainable, cfg)
+        self.build_judge()
+        self.setup.update(
+            tuned="the whole ControlNet" if cfg.lora_rank == 0 else f"LoRA rank {cfg.lora_rank} on the ControlNet",
+            precision=f"{self.precision} (frozen parts {'bf16' if self.precision == 'bf16' else 'fp32'})",
+            estimated_peak_memory=describe_memory(self.tuning, cfg.lora_rank, cfg.batch_size, cfg.face_size),
+        )
+        if self.on_start is not None and self.acc.is_main_process:
+            self.on_start({"estimated peak memory": self.setup["estimated_peak_memory"]})
+
+    def save_model(self, folder: Path) -> None:
+        save_state(self.tuning, folder)
+
+    def finish(self, run_dir: Path) -> None:
+        export_tuned(self.tuning, self.spec, self.cfg.model, run_dir, "refl", self.spec.preset)
+        if self.frm_opt is not None:
+            self.frm.save_pretrained(run_dir / "frm_final")
+
+
 def train_refl(
     cfg: ReflConfig,
     run_dir: Path,
@@ -380,6 +490,7 @@ def train_refl(
     resume: bool = True,
     max_minutes: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_start: Callable[[dict[str, str]], None] | None = None,
 ) -> RunResult:
     """Fine-tune (or resume) with reward feedback; returns the run's summary.
 
@@ -387,5 +498,12 @@ def train_refl(
     FRM, its weights and optimizer), and when finished run_dir/lora.safetensors (for
     `restore --lora`), run_dir/final (merged, fp16) and, with a dynamic FRM, run_dir/frm_final.
     Several processes: `accelerate launch` or torchrun, each on its shard of the faces.
+
+    A DiffBIR-kind `cfg.model` tunes its ControlNet instead (`ControlNetReflMethod`): the
+    checkpoint holds the trainable ControlNet weights, and a finished run writes
+    run_dir/controlnet.pth and run_dir/model.toml (for `restore --model`). `on_start` is told the
+    run's setup (the estimated peak memory) before the first step.
     """
-    return run_training(ReflMethod(cfg), run_dir, device, resume, max_minutes, on_step)
+    loaded = load_tunable_diffbir(cfg.model)
+    method = ControlNetReflMethod(cfg, *loaded, on_start=on_start) if loaded is not None else ReflMethod(cfg)
+    return run_training(method, run_dir, device, resume, max_minutes, on_step)

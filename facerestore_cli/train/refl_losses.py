@@ -1,6 +1,6 @@
 """ReFL's guard terms as DiffusionReward computes them: the DTCWT low-pass structural loss, LPIPS
-with the VGG backbone, and the regulariser interface (the output against the frozen base here; a
-ControlNet-residual regulariser plugs in through the same `StepRegulariser` protocol).
+with the VGG backbone, and the regulariser interface: the output against the frozen base for
+one-step models, the control residuals against a frozen copy for ControlNet models.
 
 - Structural: L1 between the low-pass bands of output and ground truth of a dual-tree complex
   wavelet transform (`pytorch_wavelets.DTCWTForward`, J = 3, biort near_sym_b, qshift qshift_b),
@@ -144,13 +144,17 @@ class ReflStep:
 
     #: the degraded input in [-1, 1].
     lq: Tensor
-    #: the step's input latent (detached unless it is the encoder's output) and its timestep.
-    z_t: Tensor
+    #: the step's input latent (detached unless it is the encoder's output; None where the
+    #: regulariser needs none) and its timestep.
+    z_t: Tensor | None
     t: int
     #: index of the step in the trajectory (0: the first, the only one of a one-step model).
     index: int
     #: the trained prediction (with gradients): the clean latent that is decoded and scored.
     x0: Tensor
+    #: a ControlNet model's control residuals at the step (with gradients) and its frozen copy's.
+    residuals: tuple[list[Tensor], Tensor] | None = None
+    fixed_residuals: tuple[list[Tensor], Tensor] | None = None
 
 
 class StepRegulariser(Protocol):
@@ -169,6 +173,8 @@ class OutputLatentRegulariser:
     encoder too). Zero at the start, when the LoRA adapters are still zero."""
 
     name = "output_latent_vs_frozen_base"
+    #: the kind of tuned model it applies to (make_regulariser refuses the other).
+    base = "one-step"
 
     def __call__(self, model: OneStepRestorer, step: ReflStep) -> Tensor:
         with torch.no_grad(), model.adapters_disabled():
@@ -177,11 +183,29 @@ class OutputLatentRegulariser:
         return F.mse_loss(step.x0.float(), x0_base.float())
 
 
-#: config name -> regulariser; a new kind (e.g. ControlNet residuals) registers here.
-REGULARISERS: dict[str, type] = {"output_latent": OutputLatentRegulariser}
+class ControlResidualRegulariser:
+    """DiffusionReward's regulariser of a tuned ControlNet: the sum over its 13 control residuals
+    of mean((c_l - c_l^fixed)^2) against a frozen copy of the starting ControlNet on the same
+    input (`model` is the `train.controlnet.TunableControlNet`). Zero at the start."""
+
+    name = "control_residuals_vs_fixed"
+    base = "controlnet"
+
+    def __call__(self, model, step: ReflStep) -> Tensor:
+        if step.residuals is None or step.fixed_residuals is None:
+            raise InputError("regulariser = 'control_residuals' is for ControlNet (DiffBIR-kind) models")
+        return model.regulariser(step.residuals, step.fixed_residuals)
 
 
-def make_regulariser(kind: str) -> StepRegulariser:
+#: config name -> regulariser; a new kind registers here.
+REGULARISERS: dict[str, type] = {"output_latent": OutputLatentRegulariser, "control_residuals": ControlResidualRegulariser}
+
+
+def make_regulariser(kind: str, base: str | None = None) -> StepRegulariser:
+    """The regulariser `kind` names; `base` ("one-step" or "controlnet") refuses one made for the other."""
     if kind not in REGULARISERS:
         raise InputError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {kind!r}")
+    made_for = getattr(REGULARISERS[kind], "base", None)
+    if base is not None and made_for is not None and made_for != base:
+        raise InputError(f"regulariser = {kind!r} is for {made_for} models; this base is a {base} model")
     return REGULARISERS[kind]()
