@@ -27,3 +27,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def tiny_published_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The loader builds the published architectures (SD 2.1, SwinIR); tests' files in those
+    layouts are tiny, so the shipped configs are swapped for theirs, and the store is fresh."""
+    from test_swinir import TINY as TINY_SWINIR
+    from upstream_fakes import TINY_SD
+
+    from facerestore_cli.models import sd21, swinir
+
+    shipped = sd21.sd21_configs()
+    monkeypatch.setattr(sd21, "sd21_configs", lambda: {**shipped, **{k: dict(v) for k, v in TINY_SD.items()}})
+    monkeypatch.setattr(swinir, "FACE_SWINIR_V1", TINY_SWINIR)
+    monkeypatch.setenv("FACERESTORE_HOME", str(tmp_path / "home"))

@@ -16,12 +16,9 @@ from click.testing import CliRunner
 from fakes import face_like, fine_tuning_assets
 from safetensors.torch import load_file
 from test_diffbir import tiny_models, write_tiny_files
-from test_swinir import TINY as TINY_SWINIR
 from test_swinir import tiny_model as tiny_swinir
-from upstream_fakes import TINY_SD
 
 from facerestore_cli.cli import main
-from facerestore_cli.models import sd21, swinir
 from facerestore_cli.models.diffbir import SamplerSettings, make_scheduler
 from facerestore_cli.models.loading import load_tunable_diffbir
 from facerestore_cli.models.sampler import gaussian_log_prob
@@ -31,7 +28,7 @@ from facerestore_cli.train.lrpo_controlnet import ControlNetLrpoMethod, DiffBIRP
 from facerestore_cli.train.runner import accelerator
 
 FACE = 64
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("tiny_published_configs", "one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +41,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lines = ['kind = "diffbir-v1"', f'sd = "{paths["sd"]}"', f'swinir = "{paths["swinir"]}"', f'controlnet = "{paths["controlnet"]}"']
     paths["model"].write_text("\n".join(lines) + "\n")
     return paths | fine_tuning_assets(root / "assets")
-
-
-@pytest.fixture(autouse=True)
-def tiny_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The loader builds the published architectures; here they are the tiny ones of the files."""
-    shipped = sd21.sd21_configs()
-    monkeypatch.setattr(sd21, "sd21_configs", lambda: {**shipped, **{k: dict(v) for k, v in TINY_SD.items()}})
-    monkeypatch.setattr(swinir, "FACE_SWINIR_V1", TINY_SWINIR)
-    monkeypatch.setenv("FACERESTORE_HOME", str(tmp_path / "home"))
 
 
 def config(files: dict[str, Path], **changes) -> LrpoConfig:

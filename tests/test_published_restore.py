@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from fakes import face_like
 from test_diffbir import tiny_models, write_tiny_files
-from test_swinir import TINY as TINY_SWINIR
 from test_swinir import tiny_model as tiny_swinir
-from upstream_fakes import TINY_SD, tiny_sd_models, write_ldm_file, write_osediff_pkl
+from upstream_fakes import tiny_sd_models, write_ldm_file, write_osediff_pkl
 
 from facerestore_cli.cli import main
-from facerestore_cli.models import sd21, swinir
 from facerestore_cli.models.diffbir import PRESETS
 from facerestore_cli.models.loading import load_restorer
+
+pytestmark = pytest.mark.usefixtures("tiny_published_configs")
 
 FACE = 64  # a multiple of 64, as DiffBIR pads to; tiny models keep a step in milliseconds
 
@@ -35,15 +35,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_osediff_pkl(root / "osediff_face.pkl", sd["unet"], sd["vae"])
     paths["osediff_sd"], paths["osediff"] = write_ldm_file(root / "sd_for_osediff.ckpt", sd), root / "osediff_face.pkl"
     return paths
-
-
-@pytest.fixture(autouse=True)
-def tiny_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The loader builds the published architectures; here they are the tiny ones of the files."""
-    shipped = sd21.sd21_configs()
-    monkeypatch.setattr(sd21, "sd21_configs", lambda: {**shipped, **{k: dict(v) for k, v in TINY_SD.items()}})
-    monkeypatch.setattr(swinir, "FACE_SWINIR_V1", TINY_SWINIR)
-    monkeypatch.setenv("FACERESTORE_HOME", str(tmp_path / "home"))
 
 
 def model_file(path: Path, files: dict[str, Path], preset: str | None = None) -> Path:

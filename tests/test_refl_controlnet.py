@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from fakes import fine_tuning_assets
-from test_published_restore import files, model_file, restore, tiny_configs  # noqa: F401 (fixtures)
+from test_published_restore import files, model_file, restore  # noqa: F401 (fixtures)
 from upstream_fakes import TINY_SD
 
 from facerestore_cli.cli import main
@@ -24,6 +24,8 @@ from facerestore_cli.train import refl as refl_module
 from facerestore_cli.train.checkpoint import find_checkpoint
 from facerestore_cli.train.refl import ControlNetReflMethod, ReflConfig, train_refl
 from facerestore_cli.train.runner import run_training
+
+pytestmark = pytest.mark.usefixtures("tiny_published_configs")
 
 
 @pytest.fixture(scope="module")
