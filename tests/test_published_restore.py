@@ -19,6 +19,7 @@ from upstream_fakes import tiny_sd_models, write_ldm_file, write_osediff_pkl
 from facerestore_cli.cli import main
 from facerestore_cli.models.diffbir import PRESETS
 from facerestore_cli.models.loading import load_restorer
+from facerestore_cli.models.lora import read_lora_metadata
 
 pytestmark = pytest.mark.usefixtures("tiny_published_configs")
 
@@ -174,3 +175,6 @@ def test_refl_and_lrpo_tune_an_osediff_model_file(files: dict[str, Path], tmp_pa
     assert tuned.exit_code == 0, tuned.output
     code, output, image = restore(tmp_path, "out", "--model", str(osediff), "--lora", str(tmp_path / "run" / "lora.safetensors"))
     assert code == 0 and image is not None, output
+    assert read_lora_metadata(tmp_path / "run" / "lora.safetensors")["base"] == str(osediff), "the LoRA names its base"
+    plain_sd = CliRunner().invoke(main, [*run, str(files["osediff_sd"]), "--out", str(tmp_path / "sd")])
+    assert plain_sd.exit_code == 2 and "is Stable Diffusion 2.1, not a restorer" in plain_sd.output

@@ -136,6 +136,11 @@ def load_tunable_restorer(value: str | Path) -> OneStepRestorer:
     `load_tunable_diffbir`'s, and anything else is refused in one line."""
     spec = resolve_model_value(value)
     if spec is None:
+        root = Path(value)
+        if root.is_file() or (root.is_dir() and not (root / CONFIG_FILE).is_file()):
+            raise InputError(
+                f"{value} is Stable Diffusion 2.1, not a restorer: tune an osediff model (SD 2.1 + its pkl) or a restorer folder"
+            )
         return load_model_folder(value, torch_dtype=torch.float32)
     if spec.kind == "osediff":
         return load_osediff(spec.sd, spec.osediff, cache_dir=prompt_cache_dir(), device="cpu", dtype=torch.float32)

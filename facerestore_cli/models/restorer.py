@@ -430,8 +430,9 @@ class OneStepRestorer(nn.Module):
             state[n] = p.data
         return state
 
-    def save_lora(self, path: str | Path) -> Path:
-        """One safetensors file; the JSON metadata (ranks, targets, config) lives in its header."""
+    def save_lora(self, path: str | Path, base: str | None = None) -> Path:
+        """One safetensors file; the JSON metadata (ranks, targets, config, and the `--model` value
+        of the `base` it was tuned on) lives in its header."""
         if not self.lora_adapters:
             raise RuntimeError("model has no LoRA adapters to save (call add_lora first)")
         meta = {
@@ -444,6 +445,7 @@ class OneStepRestorer(nn.Module):
             "full_trained_modules": list(self.full_trained_modules),
             # A LoRA tuned in few-step mode (LRPO) restores in that mode wherever it is applied.
             "sampling_steps": self.config.sampling_steps,
+            **({"base": str(base)} if base is not None else {}),
         }
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ class LrpoMethod(TrainingMethod):
         save_model(self.model, folder)
 
     def finish(self, run_dir: Path) -> None:
-        self.model.save_lora(run_dir / LORA_FILE)
+        self.model.save_lora(run_dir / LORA_FILE, base=self.cfg.model)
         export_final(self.model, run_dir / "final")
 
     def results(self) -> dict[str, Any]:

@@ -402,7 +402,7 @@ class ReflMethod(TrainingMethod):
         save_model(self.model, folder)
 
     def finish(self, run_dir: Path) -> None:
-        self.model.save_lora(run_dir / LORA_FILE)
+        self.model.save_lora(run_dir / LORA_FILE, base=self.cfg.model)
         if self.frm_opt is not None:
             self.frm.save_pretrained(run_dir / "frm_final")
         export_final(self.model, run_dir / "final")
