@@ -58,9 +58,10 @@ def list_cmd() -> None:
 
     table = Table(title="Published face-restoration models")
     table.add_column("model", overflow="fold", min_width=max(len(m.name) for m in PUBLISHED))
-    table.add_column("installed", overflow="fold")
-    for column in ("file", "size", "from"):
-        table.add_column(column, no_wrap=True)
+    table.add_column("installed", overflow="fold", min_width=len("installed"))
+    table.add_column("file", no_wrap=True)
+    table.add_column("size", no_wrap=True)
+    table.add_column("from", overflow="fold")
     table.add_column("license", overflow="fold")
     for model in PUBLISHED:
         n = len(model.files)
