@@ -419,3 +419,27 @@ def test_two_process_lrpo_through_torchrun(assets, tmp_path: Path) -> None:
     assert printed.count("lrpo summary") == 1, "only the main process reports"
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["reward_total"]) for r in rows)
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_captions_feed_the_reward_frm(assets, tmp_path: Path, monkeypatch) -> None:
+    """LRPO's FRM component reads each face's caption as ReFL's does (one per group candidate);
+    an FRM that reads none is told none, and the summary says which."""
+    from fakes import TINY_FRM
+
+    from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
+
+    torch.manual_seed(2)
+    captioned = FaceRewardModel(FrmConfig.from_dict(TINY_FRM | {"text": "hash"})).save_pretrained(tmp_path / "frm_hash")
+    rows = [{"image": f"{i:06d}.png", "caption": f"face number {i}"} for i in range(6)]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    seen: list[list[str] | None] = []
+    real = FaceRewardModel.forward
+    monkeypatch.setattr(FaceRewardModel, "forward", lambda self, x, caps=None: seen.append(caps) or real(self, x, caps))
+    cfg = tiny_config(assets, steps=1, frm=str(captioned), captions=str(tmp_path / "caps.jsonl"))
+    result = train_lrpo(cfg, tmp_path / "run")
+    assert result["captions"] == f"{tmp_path / 'caps.jsonl'}: 6 faces captioned, 0 with the fixed ''"
+    captioned_calls = [c for c in seen if c]
+    assert captioned_calls and all(c.startswith("face number") for caps in captioned_calls for c in caps)
+    assert len(captioned_calls[0]) == cfg.batch_size * cfg.group_size, "one caption per candidate"
+    plain = train_lrpo(tiny_config(assets, steps=1), tmp_path / "plain")
+    assert plain["captions"] == "unused (this FRM reads no captions)"

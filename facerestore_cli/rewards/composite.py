@@ -200,12 +200,13 @@ class CompositeReward:
         return -v if metric.lower_better else v
 
     @torch.no_grad()
-    def __call__(self, restored01: Tensor, hq01: Tensor) -> dict[str, Tensor]:
-        """Images Bx3xHxW in [0, 1]; returns (B,) tensors on the CPU for each active component and 'total'."""
+    def __call__(self, restored01: Tensor, hq01: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
+        """Images Bx3xHxW in [0, 1] (and each face's caption for a caption-reading FRM); returns
+        (B,) tensors on the CPU for each active component and 'total'."""
         out: dict[str, Tensor] = {}
         active, restored01, hq01 = self.effective, restored01.float(), hq01.float()
         if "frm" in active:
-            out["frm"] = self.frm(restored01.to(self.frm.device)).float().cpu()
+            out["frm"] = self.frm(restored01.to(self.frm.device), captions if self.frm.uses_captions else None).float().cpu()
         if "fidelity" in active:
             judge = self.judges["fidelity"]
             if isinstance(judge, EncoderPerceptualLoss):

@@ -50,13 +50,17 @@ from facerestore_cli.train.lrpo_core import (
     ONE_STEP_SAMPLING_STEPS,
     LrpoConfig,
     composite_reward,
+    describe_captions,
+    frm_captions,
     ground_truth_trajectory,
     group_advantages,
+    group_captions,
     likelihood_regulariser,
     noise_level_weights,
     ppo_loss,
     step_advantages,
     trained_steps,
+    with_captions,
 )
 from facerestore_cli.train.runner import (
     LORA_FILE,
@@ -170,15 +174,17 @@ class LrpoMethod(TrainingMethod):
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             (self.run_dir / "rewards.txt").write_text("\n".join(self.reward.report()) + "\n")
-        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
+        self.captions = frm_captions(cfg, self.reward)
+        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.objective, self.opt, loader = acc.prepare(LrpoObjective(self.model, cfg), self.opt, loader)
         self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
-        hq, lq = degraded_pair(next(self.batches).to(acc.device), cfg.face_size, cfg.degradation, self.gen)
-        scores, path, ground_truth = rollout(self.model, self.reward, cfg, lq, hq, self.gen)
+        faces, captions = with_captions(next(self.batches))
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        scores, path, ground_truth = rollout(self.model, self.reward, cfg, lq, hq, self.gen, captions)
         rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
         adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
         keep = torch.nonzero(adv != 0).flatten()
@@ -238,6 +244,7 @@ class LrpoMethod(TrainingMethod):
             "optimizer_steps": self.optimizer_steps,
             "reward_weights": {k: round(w, 4) for k, w in self.reward.active.items()},
             "rewards": self.reward.report(),
+            "captions": describe_captions(self.captions),
         }
 
 
@@ -273,7 +280,13 @@ def train_lrpo(
 
 @torch.no_grad()
 def rollout(
-    model: OneStepRestorer, reward: CompositeReward, cfg: LrpoConfig, lq: torch.Tensor, hq: torch.Tensor, gen: torch.Generator
+    model: OneStepRestorer,
+    reward: CompositeReward,
+    cfg: LrpoConfig,
+    lq: torch.Tensor,
+    hq: torch.Tensor,
+    gen: torch.Generator,
+    captions: list[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Transition], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Group sampling and scoring for one batch (images in [0, 1]), plus each sample's
     ground-truth trajectory (empty when the likelihood term is off)."""
@@ -282,7 +295,7 @@ def rollout(
     skips = [s.repeat_interleave(cfg.group_size, 0) for s in skips] if skips is not None else None
     z0, path = sample_trajectories(model, z_start, cfg.sampling_steps, cfg.eta, cfg.final_std, gen)
     restored = (model.decode(z0, skips=skips).float() + 1) / 2
-    scores = reward(restored, hq.repeat_interleave(cfg.group_size, 0))
+    scores = reward(restored, hq.repeat_interleave(cfg.group_size, 0), group_captions(captions, cfg.group_size))
     ground_truth = []
     if cfg.likelihood_weight > 0:
         z_gt = model.encode(hq * 2 - 1).float().repeat_interleave(cfg.group_size, 0)

@@ -57,12 +57,16 @@ from facerestore_cli.train.controlnet import (
 from facerestore_cli.train.lrpo_core import (
     LrpoConfig,
     composite_reward,
+    describe_captions,
+    frm_captions,
     ground_truth_trajectory,
     group_advantages,
+    group_captions,
     likelihood_regulariser,
     ppo_loss,
     step_advantages,
     trained_steps,
+    with_captions,
 )
 from facerestore_cli.train.runner import TrainingMethod, autocast, degraded_pair, infinite, update, whole_face_loader
 
@@ -109,7 +113,15 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy: DiffBIRPolicy, reward: CompositeReward, cfg: LrpoConfig, lq: Tensor, hq: Tensor, gen: torch.Generator) -> Rollout:
+def rollout(
+    policy: DiffBIRPolicy,
+    reward: CompositeReward,
+    cfg: LrpoConfig,
+    lq: Tensor,
+    hq: Tensor,
+    gen: torch.Generator,
+    captions: list[str] | None = None,
+) -> Rollout:
     """Group sampling and scoring for one batch (images in [0, 1]), plus each sample's GT trajectory
     (empty when the likelihood term is off)."""
     model, g = policy.model, cfg.group_size
@@ -124,7 +136,7 @@ def rollout(policy: DiffBIRPolicy, reward: CompositeReward, cfg: LrpoConfig, lq:
         path.append(Transition(t, t_prev, z, z_next, log_prob, std, ddim_sigma(policy, t, t_prev, 1.0)))
         z = z_next
     restored = color_fix(model.decode(z), cond.repeat_interleave(g, 0), COLOR_FIX)
-    scores = reward((restored.float() + 1) / 2, hq.repeat_interleave(g, 0))
+    scores = reward((restored.float() + 1) / 2, hq.repeat_interleave(g, 0), group_captions(captions, g))
     ground_truth = []
     if cfg.likelihood_weight > 0:
         z_gt = model.encode_condition(hq * 2 - 1).float().repeat_interleave(g, 0)
@@ -211,16 +223,18 @@ class ControlNetLrpoMethod(TrainingMethod):
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             (self.run_dir / "rewards.txt").write_text("\n".join(self.reward.report()) + "\n")
-        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers)
+        self.captions = frm_captions(cfg, self.reward)
+        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.opt, loader = acc.prepare(self.opt, loader)
         self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
-        hq, lq = degraded_pair(next(self.batches).to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        faces, captions = with_captions(next(self.batches))
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
         with autocast(acc.device, self.precision):
-            got = rollout(self.policy, self.reward, cfg, lq, hq, self.gen)
+            got = rollout(self.policy, self.reward, cfg, lq, hq, self.gen, captions)
         rewards = got.scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
         adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
         keep = torch.nonzero(adv != 0).flatten()
@@ -279,4 +293,5 @@ class ControlNetLrpoMethod(TrainingMethod):
             "estimated_peak_memory": self.setup["estimated peak memory"],
             "reward_weights": {k: round(w, 4) for k, w in self.reward.active.items()},
             "rewards": self.reward.report(),
+            "captions": describe_captions(self.captions),
         }

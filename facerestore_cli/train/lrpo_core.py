@@ -6,9 +6,11 @@ See train/lrpo.py for the method (TRAINING.md, LRPO table)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 
+from facerestore_cli.data.captions import CaptionLookup
 from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.errors import FacerestoreError, InputError
 from facerestore_cli.models.restorer import OneStepRestorer
@@ -216,3 +218,25 @@ def composite_reward(cfg: LrpoConfig, encoder: torch.nn.Module | None, device: t
                 raise
             frm_missing = f"{cfg.frm}: {err}"
     return CompositeReward(cfg.rewards, frm, encoder, sources=cfg.reward_sources(), frm_missing=frm_missing)
+
+
+def frm_captions(cfg: LrpoConfig, reward: CompositeReward) -> CaptionLookup | None:
+    """The faces' captions for the reward's FRM (`captions`, `caption`), or None when it reads none."""
+    frm = reward.frm
+    return CaptionLookup.from_config(cfg.captions, cfg.caption) if frm is not None and frm.uses_captions else None
+
+
+def with_captions(batch: Any) -> tuple[torch.Tensor, list[str] | None]:
+    """A loader batch as (faces, captions or None)."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], list(batch[1])
+    return batch, None
+
+
+def group_captions(captions: list[str] | None, group_size: int) -> list[str] | None:
+    """Each face's caption once per candidate of its group, in sampling order."""
+    return None if captions is None else [c for c in captions for _ in range(group_size)]
+
+
+def describe_captions(captions: CaptionLookup | None) -> str:
+    return captions.describe() if captions is not None else "unused (this FRM reads no captions)"

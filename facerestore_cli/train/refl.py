@@ -44,10 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader
 
 from facerestore_cli.data.captions import CaptionLookup
-from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig
 from facerestore_cli.errors import InputError
 from facerestore_cli.models.diffbir import DiffBIRRestorer
@@ -82,6 +80,7 @@ from facerestore_cli.train.runner import (
     run_training,
     save_model,
     update,
+    whole_face_loader,
 )
 
 log = logging.getLogger(__name__)
@@ -125,10 +124,6 @@ class ReflConfig(LoraTuningConfig):
     optimizer: str = "adamw"
     #: ControlNet bases: gradient checkpointing on the UNet and the ControlNet.
     gradient_checkpointing: bool = False
-    #: the faces' captions for the FRM: a JSONL file ({"image", "caption"}), "txt" (a .txt beside each image) or "".
-    captions: str = ""
-    #: the caption of faces without one (every face when `captions` is "").
-    caption: str = ""
     #: every K steps the FRM learns to prefer ground truth over the current restorations; 0: frozen FRM.
     frm_update_every: int = 10
     frm_lr: float = 2e-6
@@ -289,19 +284,6 @@ def frm_optimizer(frm: FaceRewardModel, cfg: ReflConfig) -> torch.optim.Optimize
     return dynamic_frm_optimizer(named, cfg.frm_lr, cfg.frm_weight_decay)
 
 
-def face_loader(cfg: ReflConfig, captions: CaptionLookup) -> DataLoader:
-    """Shuffled batches of (whole aligned face, caption)."""
-    data = CropDataset([Path(d) for d in cfg.data], patch_size=None, min_sharpness=cfg.min_sharpness, captions=captions)
-    return DataLoader(
-        data,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(data) >= cfg.batch_size,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
-
-
 class ReflMethod(TrainingMethod):
     """ReFL as a `run_training` method: LoRA steps on the reward, and the dynamic FRM's own steps.
 
@@ -340,7 +322,7 @@ class ReflMethod(TrainingMethod):
 
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
-        loader = face_loader(cfg, self.captions)
+        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.setup["captions"] = self.captions.describe() if self.frm.uses_captions else "unused (this FRM reads no captions)"
         self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
         self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000 + 7919 * acc.process_index)

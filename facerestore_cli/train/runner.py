@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from facerestore_cli.configfile import RunConfig
 from facerestore_cli.data.autopairs import degrade_at
+from facerestore_cli.data.captions import CaptionLookup
 from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig, sample_params
 from facerestore_cli.errors import InputError
@@ -58,6 +59,10 @@ class LoraTuningConfig(RunConfig):
     model: str = field(default_factory=lambda: str(DEFAULT_RESTORER))
     #: the FRM folder (or an upstream HPSv2 / FaceRewardModel.pth checkpoint).
     frm: str = field(default_factory=lambda: str(DEFAULT_FRM))
+    #: the faces' captions for the FRM: a JSONL file ({"image", "caption"}), "txt" (a .txt beside each image) or "".
+    captions: str = ""
+    #: the caption of faces without one (every face when `captions` is "").
+    caption: str = ""
     lora_rank: int = 4
     #: LoRA alpha (scale = alpha / rank); None keeps the model config's.
     lora_alpha: float | None = None
@@ -95,9 +100,12 @@ def accelerator(device: str):
     return Accelerator(cpu=torch.device(device).type == "cpu")
 
 
-def whole_face_loader(folders: list[str], batch_size: int, min_sharpness: float, num_workers: int) -> DataLoader:
-    """Shuffled batches of whole aligned faces, as the reward fine-tuning loops (refl, lrpo) use them."""
-    data = CropDataset([Path(d) for d in folders], patch_size=None, min_sharpness=min_sharpness)
+def whole_face_loader(
+    folders: list[str], batch_size: int, min_sharpness: float, num_workers: int, captions: CaptionLookup | None = None
+) -> DataLoader:
+    """Shuffled batches of whole aligned faces, as the reward fine-tuning loops (refl, lrpo) use
+    them; with `captions`, batches of (faces, their captions) for the Face Reward Model."""
+    data = CropDataset([Path(d) for d in folders], patch_size=None, min_sharpness=min_sharpness, captions=captions)
     return DataLoader(
         data,
         batch_size=batch_size,
