@@ -111,7 +111,7 @@ def test_ratio_leaves_one_after_the_first_step_and_only_the_controlnet_trains(fi
     hq = torch.rand(1, 3, FACE, FACE)
     got = rollout(method.policy, method.reward, method.cfg, hq * 0.8, hq, torch.Generator().manual_seed(0))
     assert len(got.path) == 2 and len(got.ground_truth) == 2 and got.c_img.shape[0] == 2
-    out = method.policy_updates(got, torch.tensor([1.0, -1.0]), torch.arange(2))
+    out = method.policy_updates(got.path, torch.tensor([1.0, -1.0]), torch.arange(2), got.ground_truth, got.c_img)
     assert method.optimizer_steps == 2 and len(out["ratio_deviation"]) == 2
     first, second = out["ratio_deviation"]
     assert first < 1e-5, "before any update the recomputed log-prob is the rollout's"

@@ -48,6 +48,7 @@ from facerestore_cli.train.lrpo_core import (
     ADVANTAGE_EPS,
     LIKELIHOOD_TEMPERATURE,
     ONE_STEP_SAMPLING_STEPS,
+    GroupPolicyMethod,
     LrpoConfig,
     composite_reward,
     describe_captions,
@@ -60,18 +61,14 @@ from facerestore_cli.train.lrpo_core import (
     ppo_loss,
     step_advantages,
     trained_steps,
-    with_captions,
 )
 from facerestore_cli.train.runner import (
     LORA_FILE,
     RunResult,
-    TrainingMethod,
-    degraded_pair,
     export_final,
     infinite,
     run_training,
     save_model,
-    update,
     whole_face_loader,
 )
 
@@ -138,19 +135,13 @@ def build_lrpo(cfg: LrpoConfig, device: torch.device | str = "cpu") -> tuple[One
     return model.to(device), reward
 
 
-class LrpoMethod(TrainingMethod):
-    """LRPO as a `run_training` method: one sampling round per runner step, then one optimizer step
-    per trained timestep (PPO and the likelihood term on UNet LoRA). Its log lines hold the means
-    since the last line."""
-
-    rate_key = "restorations_per_s"
+class LrpoMethod(GroupPolicyMethod):
+    """LRPO of a one-step restorer's UNet LoRA (its few-step sampling mode) as a `run_training`
+    method; the round, advantages and inner optimizer steps are `GroupPolicyMethod`'s."""
 
     def __init__(self, cfg: LrpoConfig, on_start: Callable[[list[str]], None] | None = None) -> None:
         super().__init__(cfg)
         self.on_start = on_start
-        self.window: dict[str, list[float]] = {}
-        #: optimizer steps taken over the whole run (several per runner step).
-        self.optimizer_steps = 0
 
     def build(self, ckpt: Path | None) -> None:
         cfg, acc = self.cfg, self.acc
@@ -164,12 +155,6 @@ class LrpoMethod(TrainingMethod):
         self.trainable = self.model.lora_parameters()
         self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=0.0)
 
-    def resume(self, extra: dict[str, Any]) -> None:
-        self.optimizer_steps = int(extra.get("optimizer_steps", 0))
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        return {"optimizer_steps": self.optimizer_steps}
-
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
@@ -180,56 +165,14 @@ class LrpoMethod(TrainingMethod):
         self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
-    def train_step(self, step: int) -> tuple[dict[str, float], int]:
-        cfg, acc = self.cfg, self.acc
-        faces, captions = with_captions(next(self.batches))
-        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
-        scores, path, ground_truth = rollout(self.model, self.reward, cfg, lq, hq, self.gen, captions)
-        rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
-        adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
-        keep = torch.nonzero(adv != 0).flatten()
-        kept_anywhere = int(acc.gather(torch.tensor([keep.numel()], device=acc.device)).sum())
-        self.set_lr(step)
-        # a round whose every sample scored alike in its group teaches nothing: no optimizer step
-        inner = self.policy_updates(path, adv, keep, ground_truth) if kept_anywhere else {}
-        terms = {"policy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0} | ({"likelihood": 0.0} if cfg.likelihood_weight > 0 else {})
-        terms.update({k: sum(v) / len(v) for k, v in inner.items()})
-        terms.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
-        terms["reward_std"] = float(rewards.std())
-        terms["kept_fraction"] = keep.numel() / adv.numel()
-        terms["optimizer_steps"] = float(self.optimizer_steps)
-        for k, v in terms.items():
-            self.window.setdefault(k, []).append(v)
-        return terms, rewards.numel()
+    def sample(self, lq: torch.Tensor, hq: torch.Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:
+        scores, path, ground_truth = rollout(self.model, self.reward, self.cfg, lq, hq, self.gen, captions)
+        return scores, path, ground_truth, None
 
-    def policy_updates(
-        self, path: list[Transition], adv: torch.Tensor, keep: torch.Tensor, ground_truth: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, list[float]]:
-        """One optimizer step per trained timestep, in sampling order, on the kept samples; the
-        ratio of step j is taken after the updates of steps < j, as in the paper's code."""
-        cfg, acc = self.cfg, self.acc
-        rows, scale = (keep, 1.0) if keep.numel() else (torch.arange(adv.numel(), device=adv.device), 0.0)
-        per_step = step_advantages(adv, [s.noise_level for s in path], cfg.noise_level_advantage, cfg.advantage_clip)
-        trained = trained_steps(len(path), cfg.timestep_fraction)
-        likelihood_from = trained - min(cfg.likelihood_steps, trained)
-        out: dict[str, list[float]] = {}
-        for j in range(trained):
-            gt = None
-            if cfg.likelihood_weight > 0 and j >= likelihood_from:
-                gt = tuple(g[rows] for g in ground_truth[j])
-            losses = self.objective(path[j].rows(rows), per_step[j][rows], gt, scale)
-            update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip)
-            self.optimizer_steps += 1
-            for k, v in losses.items():
-                if k != "total":
-                    out.setdefault(k, []).append(float(v.detach()))
-        return out
-
-    def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
-        """The mean since the last line: one batch's reward says more about its faces than the policy."""
-        means = {k: round(sum(v) / len(v), 6) for k, v in self.window.items()}
-        self.window.clear()
-        return means | {"optimizer_steps": self.optimizer_steps}
+    def step_losses(
+        self, step: Transition, advantages: torch.Tensor, ground_truth: tuple | None, rows: torch.Tensor, scale: float, context: Any
+    ) -> dict[str, torch.Tensor]:
+        return self.objective(step, advantages, ground_truth, scale)
 
     def save_model(self, folder: Path) -> None:
         save_model(self.model, folder)

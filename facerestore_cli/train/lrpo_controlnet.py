@@ -55,20 +55,18 @@ from facerestore_cli.train.controlnet import (
     uses_bf16,
 )
 from facerestore_cli.train.lrpo_core import (
+    GroupPolicyMethod,
     LrpoConfig,
     composite_reward,
     describe_captions,
     frm_captions,
     ground_truth_trajectory,
-    group_advantages,
     group_captions,
     likelihood_regulariser,
     ppo_loss,
-    step_advantages,
     trained_steps,
-    with_captions,
 )
-from facerestore_cli.train.runner import TrainingMethod, autocast, degraded_pair, infinite, update, whole_face_loader
+from facerestore_cli.train.runner import autocast, infinite, whole_face_loader
 
 #: The tuned ControlNet's file in a finished run, the model file naming it, and its sampler preset.
 CONTROLNET_FILE, MODEL_FILE, PRESET = CONTROLNET_FILE, MODEL_FILE, "lrpo"
@@ -163,11 +161,12 @@ def step_loss(
     return terms
 
 
-class ControlNetLrpoMethod(TrainingMethod):
+class ControlNetLrpoMethod(GroupPolicyMethod):
     """LRPO of a DiffBIR-kind model's ControlNet on the shared loop. `model` and `spec` come from
     `load_tunable_diffbir`. Its log lines hold the means since the last line."""
 
-    rate_key = "restorations_per_s"
+    #: the tuned ControlNet is not wrapped by accelerate: its gradients are averaged here.
+    average_gradients = True
 
     def __init__(
         self,
@@ -179,8 +178,6 @@ class ControlNetLrpoMethod(TrainingMethod):
     ) -> None:
         super().__init__(cfg)
         self.loaded, self.spec, self.on_start, self.on_setup = model, spec, on_start, on_setup
-        self.window: dict[str, list[float]] = {}
-        self.optimizer_steps = 0
 
     def build(self, ckpt: Path | None) -> None:
         cfg, acc = self.cfg, self.acc
@@ -213,12 +210,6 @@ class ControlNetLrpoMethod(TrainingMethod):
             if self.on_start:
                 self.on_start(self.reward.report())
 
-    def resume(self, extra: dict[str, Any]) -> None:
-        self.optimizer_steps = int(extra.get("optimizer_steps", 0))
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        return {"optimizer_steps": self.optimizer_steps}
-
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
@@ -229,55 +220,17 @@ class ControlNetLrpoMethod(TrainingMethod):
         self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
-    def train_step(self, step: int) -> tuple[dict[str, float], int]:
-        cfg, acc = self.cfg, self.acc
-        faces, captions = with_captions(next(self.batches))
-        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
-        with autocast(acc.device, self.precision):
-            got = rollout(self.policy, self.reward, cfg, lq, hq, self.gen, captions)
-        rewards = got.scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
-        adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
-        keep = torch.nonzero(adv != 0).flatten()
-        kept_anywhere = int(acc.gather(torch.tensor([keep.numel()], device=acc.device)).sum())
-        self.set_lr(step)
-        inner = self.policy_updates(got, adv, keep) if kept_anywhere else {}
-        terms = {"policy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0} | ({"likelihood": 0.0} if cfg.likelihood_weight > 0 else {})
-        terms.update({k: sum(v) / len(v) for k, v in inner.items()})
-        terms.update({f"reward_{k}": float(v.mean()) for k, v in got.scores.items()})
-        terms["reward_std"] = float(rewards.std())
-        terms["kept_fraction"] = keep.numel() / adv.numel()
-        terms["optimizer_steps"] = float(self.optimizer_steps)
-        for k, v in terms.items():
-            self.window.setdefault(k, []).append(v)
-        return terms, rewards.numel()
+    def sample(self, lq: Tensor, hq: Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:
+        with autocast(self.acc.device, self.precision):
+            got = rollout(self.policy, self.reward, self.cfg, lq, hq, self.gen, captions)
+        return got.scores, got.path, got.ground_truth, got.c_img
 
-    def policy_updates(self, got: Rollout, adv: Tensor, keep: Tensor) -> dict[str, list[float]]:
-        """One optimizer step per trained timestep, in sampling order, on the kept samples; step j's
-        ratio is taken after the updates of steps < j (train/lrpo.py's LrpoMethod.policy_updates)."""
-        cfg, acc = self.cfg, self.acc
-        rows, scale = (keep, 1.0) if keep.numel() else (torch.arange(adv.numel(), device=adv.device), 0.0)
-        path = got.path
-        per_step = step_advantages(adv, [s.noise_level for s in path], cfg.noise_level_advantage, cfg.advantage_clip)
-        trained = trained_steps(len(path), cfg.timestep_fraction)
-        likelihood_from = trained - min(cfg.likelihood_steps, trained)
-        out: dict[str, list[float]] = {}
-        for j in range(trained):
-            gt = None
-            if cfg.likelihood_weight > 0 and j >= likelihood_from:
-                gt = tuple(g[rows] for g in got.ground_truth[j])
-            with autocast(acc.device, self.precision):
-                losses = step_loss(self.policy, cfg, path[j].rows(rows), got.c_img[rows], per_step[j][rows], gt)
-            update(acc, self.opt, losses["total"] * scale, self.trainable, cfg.grad_clip, average=True)
-            self.optimizer_steps += 1
-            for k, v in losses.items():
-                if k != "total":
-                    out.setdefault(k, []).append(float(v.detach()))
-        return out
-
-    def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
-        means = {k: round(sum(v) / len(v), 6) for k, v in self.window.items()}
-        self.window.clear()
-        return means | {"optimizer_steps": self.optimizer_steps}
+    def step_losses(
+        self, step: Transition, advantages: Tensor, ground_truth: tuple | None, rows: Tensor, scale: float, c_img: Tensor
+    ) -> dict[str, Tensor]:
+        with autocast(self.acc.device, self.precision):
+            losses = step_loss(self.policy, self.cfg, step, c_img[rows], advantages, ground_truth)
+        return losses | {"total": losses["total"] * scale}
 
     def save_model(self, folder: Path) -> None:
         save_state(self.tuning, folder)

@@ -18,7 +18,7 @@ from facerestore_cli.models.sampler import CLEAN, LatentDenoiser, Transition, dd
 from facerestore_cli.rewards.composite import CompositeReward, RewardSources, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
 from facerestore_cli.train.controlnet import OPTIMIZERS
-from facerestore_cli.train.runner import LoraTuningConfig
+from facerestore_cli.train.runner import LoraTuningConfig, TrainingMethod, degraded_pair, update
 
 #: the paper's advantage normaliser: the std over the round's samples plus this.
 ADVANTAGE_EPS = 1e-4
@@ -240,3 +240,88 @@ def group_captions(captions: list[str] | None, group_size: int) -> list[str] | N
 
 def describe_captions(captions: CaptionLookup | None) -> str:
     return captions.describe() if captions is not None else "unused (this FRM reads no captions)"
+
+
+class GroupPolicyMethod(TrainingMethod):
+    """What LRPO's two methods share (one-step restorers, DiffBIR ControlNets): a sampling round
+    per runner step, group advantages over the round, then one optimizer step per trained timestep
+    in sampling order on the kept samples, so step j's ratio is taken after the updates of steps
+    < j as in the paper's code. Subclasses sample (`sample`) and price one timestep
+    (`step_losses`); their log lines hold the means since the last line."""
+
+    rate_key = "restorations_per_s"
+    #: a policy accelerate did not wrap averages its gradients over processes itself.
+    average_gradients = False
+
+    def __init__(self, cfg: LrpoConfig) -> None:
+        super().__init__(cfg)
+        self.window: dict[str, list[float]] = {}
+        #: optimizer steps taken over the whole run (several per runner step).
+        self.optimizer_steps = 0
+
+    def resume(self, extra: dict[str, Any]) -> None:
+        self.optimizer_steps = int(extra.get("optimizer_steps", 0))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"optimizer_steps": self.optimizer_steps}
+
+    def sample(self, lq: torch.Tensor, hq: torch.Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:
+        """One round: (scores, transitions, the GT's trajectory, what `step_losses` needs)."""
+        raise NotImplementedError
+
+    def step_losses(
+        self, step: Transition, advantages: torch.Tensor, ground_truth: tuple | None, rows: torch.Tensor, scale: float, context: Any
+    ) -> dict[str, torch.Tensor]:
+        """One trained timestep's terms on the kept `rows`; "total" already multiplied by `scale`."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        cfg, acc = self.cfg, self.acc
+        faces, captions = with_captions(next(self.batches))
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        scores, path, ground_truth, context = self.sample(lq, hq, captions)
+        rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
+        adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
+        keep = torch.nonzero(adv != 0).flatten()
+        kept_anywhere = int(acc.gather(torch.tensor([keep.numel()], device=acc.device)).sum())
+        self.set_lr(step)
+        # a round whose every sample scored alike in its group teaches nothing: no optimizer step
+        inner = self.policy_updates(path, adv, keep, ground_truth, context) if kept_anywhere else {}
+        terms = {"policy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0} | ({"likelihood": 0.0} if cfg.likelihood_weight > 0 else {})
+        terms.update({k: sum(v) / len(v) for k, v in inner.items()})
+        terms.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
+        terms["reward_std"] = float(rewards.std())
+        terms["kept_fraction"] = keep.numel() / adv.numel()
+        terms["optimizer_steps"] = float(self.optimizer_steps)
+        for k, v in terms.items():
+            self.window.setdefault(k, []).append(v)
+        return terms, rewards.numel()
+
+    def policy_updates(
+        self, path: list[Transition], adv: torch.Tensor, keep: torch.Tensor, ground_truth: list, context: Any = None
+    ) -> dict[str, list[float]]:
+        """One optimizer step per trained timestep; a process with no kept sample still steps with
+        the loss scaled by 0, so torchrun processes stay in step."""
+        cfg, acc = self.cfg, self.acc
+        rows, scale = (keep, 1.0) if keep.numel() else (torch.arange(adv.numel(), device=adv.device), 0.0)
+        per_step = step_advantages(adv, [s.noise_level for s in path], cfg.noise_level_advantage, cfg.advantage_clip)
+        trained = trained_steps(len(path), cfg.timestep_fraction)
+        likelihood_from = trained - min(cfg.likelihood_steps, trained)
+        out: dict[str, list[float]] = {}
+        for j in range(trained):
+            gt = None
+            if cfg.likelihood_weight > 0 and j >= likelihood_from:
+                gt = tuple(g[rows] for g in ground_truth[j])
+            losses = self.step_losses(path[j].rows(rows), per_step[j][rows], gt, rows, scale, context)
+            update(acc, self.opt, losses["total"], self.trainable, cfg.grad_clip, average=self.average_gradients)
+            self.optimizer_steps += 1
+            for k, v in losses.items():
+                if k != "total":
+                    out.setdefault(k, []).append(float(v.detach()))
+        return out
+
+    def log_row(self, step: int, terms: dict[str, float]) -> dict[str, Any]:
+        """The mean since the last line: one batch's reward says more about its faces than the policy."""
+        means = {k: round(sum(v) / len(v), 6) for k, v in self.window.items()}
+        self.window.clear()
+        return means | {"optimizer_steps": self.optimizer_steps}
