@@ -112,17 +112,15 @@ class LrpoConfig(LoraTuningConfig):
                 raise InputError(message)
 
     def reward_sources(self) -> RewardSources:
+        """The judges of the composite reward: the config's keys of the same names, by keyword
+        (the config names the three judges `*_metric` and the flag `allow_missing_rewards`)."""
+        same = ("lpips_vgg_weights", "lpips_linear_weights", "clipiqa_weights", "clipiqa_arch", "dtcwt_levels", "wavelet_levels")
         return RewardSources(
-            self.fidelity_metric,
-            self.quality_metric,
-            self.structure_metric,
-            self.lpips_vgg_weights,
-            self.lpips_linear_weights,
-            self.clipiqa_weights,
-            self.clipiqa_arch,
-            self.dtcwt_levels,
-            self.wavelet_levels,
-            self.allow_missing_rewards,
+            fidelity=self.fidelity_metric,
+            quality=self.quality_metric,
+            structure=self.structure_metric,
+            allow_missing=self.allow_missing_rewards,
+            **{k: getattr(self, k) for k in same},
         )
 
 
