@@ -33,11 +33,10 @@ def load_model_folder(
     """A restorer folder, or Stable Diffusion 2.1-base (a diffusers folder with vae/ + unet/ and
     no restorer config, or the ldm single file) made into the one-step restorer of its parts."""
     root = Path(directory)
-    if root.is_file():
+    sd_folder = root.is_dir() and not (root / CONFIG_FILE).is_file() and (root / "unet").is_dir() and (root / "vae").is_dir()
+    if root.is_file() or sd_folder:
         return load_sd21_restorer(root, cache_dir=prompt_cache_dir(), device=device, dtype=torch_dtype)
     if root.is_dir() and not (root / CONFIG_FILE).is_file():
-        if (root / "unet").is_dir() and (root / "vae").is_dir():
-            return load_sd21_restorer(root, cache_dir=prompt_cache_dir(), device=device, dtype=torch_dtype)
         raise MissingFileError(f"{root} is not a restorer folder (no {CONFIG_FILE}, no vae/ + unet/)")
     return OneStepRestorer.from_pretrained(root, torch_dtype=torch_dtype, device=device)
 
