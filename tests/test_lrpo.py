@@ -242,6 +242,28 @@ def test_inner_steps_move_the_ratio_clip_and_drop_zero_advantage_samples(assets,
     assert "likelihood" in terms and len(terms["likelihood"]) == 3, "the last 5 trained steps: all 3 here"
 
 
+def test_an_epochs_rounds_share_one_std_and_each_is_trained(assets, tmp_path: Path) -> None:
+    """rounds_per_epoch = 2: both rounds' advantages divide by the std over all 2 x 4 samples (the
+    paper's epoch-level std), and each round gets its own policy updates."""
+    cfg = tiny_config(assets, rounds_per_epoch=2, group_size=2, batch_size=2)
+    method = LrpoMethod(cfg)
+    from facerestore_cli.train.runner import accelerator
+
+    method.acc, method.run_dir = accelerator("cpu"), tmp_path
+    method.build(None)
+    method.start(0)
+    drawn = iter([torch.tensor([[0.0, 1.0], [5.0, 5.0]]), torch.tensor([[2.0, 4.0], [1.0, 3.0]])])
+    method.sample_round = lambda: (r := next(drawn), [], [], None, {"total": r.flatten()})
+    seen: list[torch.Tensor] = []
+    method.policy_updates = lambda path, adv, keep, gt, ctx: seen.append(adv) or {"policy": [0.5]}
+    terms, samples = method.train_step(0)
+    epoch_std = torch.tensor([0.0, 1.0, 5.0, 5.0, 2.0, 4.0, 1.0, 3.0]).std(unbiased=False)
+    assert samples == 8 and len(seen) == 2, "one runner step samples and trains both rounds"
+    assert torch.allclose(seen[0], torch.tensor([-0.5, 0.5, 0.0, 0.0]) / (epoch_std + 1e-4))
+    assert torch.allclose(seen[1], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (epoch_std + 1e-4))
+    assert terms["kept_fraction"] == 6 / 8 and terms["reward_total"] == 2.625
+
+
 # ---------------------------------------------------------------- the composite reward
 def test_composite_reward_scores_fidelity_and_reports_dropped_components(assets) -> None:
     model = base_model(assets)

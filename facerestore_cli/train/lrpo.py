@@ -1,7 +1,8 @@
 """LRPO: online reinforcement learning of the restorer with ground-truth likelihood regularisation,
 as the paper's code does it (TRAINING.md, LRPO table).
 
-One runner step is one sampling round followed by the policy's optimizer steps:
+One runner step is an epoch: `rounds_per_epoch` sampling rounds (steps 1-3; the paper's 12), then
+the policy's optimizer steps on each round in turn (4-6):
 
 1. Degrade a batch of ground-truth faces; encode each degraded face (the start state).
 2. Group sampling: draw `group_size` restorations of every face with the restorer run as a
@@ -10,7 +11,7 @@ One runner step is one sampling round followed by the policy's optimizer steps:
    step = a Gaussian policy around the one-step output). Every transition's log-probability
    (mean over dimensions) is kept.
 3. Score each restoration with the composite reward (rewards.composite).
-4. Advantages: per group, (r - group mean) / (std over every sample of the round, all processes,
+4. Advantages: per group, (r - group mean) / (std over every sample of the epoch, all processes,
    + 1e-4); samples whose advantage is exactly 0 are dropped. Noise-level assignment: step j gets
    A_j = clip(A w_j, -5, 5), w_j = sigma_j / mean(sigma), sigma DDIM's at eta = 1 in sampling order.
 5. PPO, one optimizer step after every trained timestep (the first `timestep_fraction` of the

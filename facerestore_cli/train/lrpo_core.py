@@ -20,7 +20,7 @@ from facerestore_cli.rewards.frm import load_frm
 from facerestore_cli.train.controlnet import OPTIMIZERS
 from facerestore_cli.train.runner import LoraTuningConfig, TrainingMethod, degraded_pair, update
 
-#: the paper's advantage normaliser: the std over the round's samples plus this.
+#: the paper's advantage normaliser: the std over the epoch's samples plus this.
 ADVANTAGE_EPS = 1e-4
 #: the GT likelihood's temperature: 1 - exp(mean log N / 40).
 LIKELIHOOD_TEMPERATURE = 40.0
@@ -44,6 +44,9 @@ class LrpoConfig(LoraTuningConfig):
     log_every: int = 5
     checkpoint_every: int = 25
     group_size: int = 9
+    #: sampling rounds per runner step (an epoch): advantages divide by the std over all of them, then
+    #: each round is trained in turn. The paper: 12 sampling batches per epoch; 1 = one round a step.
+    rounds_per_epoch: int = 1
     #: one-step bases: 1 is the restorer with a Gaussian policy around its output, more few-step DDIM
     #: (unset: ONE_STEP_SAMPLING_STEPS). DiffBIR-kind bases: the DDIM steps of the policy (unset: the base's own).
     sampling_steps: int | None = None
@@ -94,6 +97,7 @@ class LrpoConfig(LoraTuningConfig):
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: the whole ControlNet of a DiffBIR model), not {self.lora_rank}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"),
+            (self.rounds_per_epoch >= 1, f"rounds_per_epoch must be at least 1, not {self.rounds_per_epoch}"),
             (self.group_size >= 2, f"group_size must be at least 2 (advantages compare restorations of one face), not {self.group_size}"),
             (steps is None or steps >= 1, f"sampling_steps must be at least 1, not {steps}"),
             (steps == 1 or self.eta > 0, "eta must be > 0 with several sampling steps (eta 0 leaves no transition to score)"),
@@ -129,10 +133,10 @@ def trained_steps(sampling_steps: int, fraction: float) -> int:
     return max(1, int(sampling_steps * fraction))
 
 
-def group_advantages(rewards: torch.Tensor, round_std: torch.Tensor | float | None = None, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, epoch_std: torch.Tensor | float | None = None, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
     """(faces, group) rewards -> advantages: minus the group's mean, over the std of every sample of
-    the round (`round_std`, gathered over processes; this batch's when None) + eps."""
-    std = rewards.std(unbiased=False) if round_std is None else torch.as_tensor(round_std)
+    the epoch (`epoch_std`: all its rounds, gathered over processes; these rewards' when None) + eps."""
+    std = rewards.std(unbiased=False) if epoch_std is None else torch.as_tensor(epoch_std)
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (std + eps)
 
 
@@ -241,11 +245,12 @@ def describe_captions(captions: CaptionLookup | None) -> str:
 
 
 class GroupPolicyMethod(TrainingMethod):
-    """What LRPO's two methods share (one-step restorers, DiffBIR ControlNets): a sampling round
-    per runner step, group advantages over the round, then one optimizer step per trained timestep
-    in sampling order on the kept samples, so step j's ratio is taken after the updates of steps
-    < j as in the paper's code. Subclasses sample (`sample`) and price one timestep
-    (`step_losses`); their log lines hold the means since the last line."""
+    """What LRPO's two methods share (one-step restorers, DiffBIR ControlNets): a runner step is an
+    epoch of `rounds_per_epoch` sampling rounds, group advantages over the std of the whole epoch,
+    then per round one optimizer step per trained timestep in sampling order on the kept samples,
+    so step j's ratio is taken after the updates of steps < j as in the paper's code. Subclasses
+    sample (`sample`) and price one timestep (`step_losses`); their log lines hold the means since
+    the last line."""
 
     rate_key = "restorations_per_s"
     #: a policy accelerate did not wrap averages its gradients over processes itself.
@@ -275,25 +280,40 @@ class GroupPolicyMethod(TrainingMethod):
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
-        faces, captions = with_captions(next(self.batches))
-        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
-        scores, path, ground_truth, context = self.sample(lq, hq, captions)
-        rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
-        adv = group_advantages(rewards, acc.gather(rewards).std(unbiased=False)).flatten()
-        keep = torch.nonzero(adv != 0).flatten()
-        kept_anywhere = int(acc.gather(torch.tensor([keep.numel()], device=acc.device)).sum())
+        rounds = [self.sample_round() for _ in range(cfg.rounds_per_epoch)]
+        rewards = torch.stack([r[0] for r in rounds])  # (rounds, faces, group)
+        epoch_std = acc.gather(rewards).std(unbiased=False)
         self.set_lr(step)
-        # a round whose every sample scored alike in its group teaches nothing: no optimizer step
-        inner = self.policy_updates(path, adv, keep, ground_truth, context) if kept_anywhere else {}
+        inner: dict[str, list[float]] = {}
+        kept = 0
+        for round_rewards, path, ground_truth, context, _ in rounds:
+            adv = group_advantages(round_rewards, epoch_std).flatten()
+            keep = torch.nonzero(adv != 0).flatten()
+            kept += keep.numel()
+            kept_anywhere = int(acc.gather(torch.tensor([keep.numel()], device=acc.device)).sum())
+            # a round whose every sample scored alike in its group teaches nothing: no optimizer step
+            for k, v in (self.policy_updates(path, adv, keep, ground_truth, context) if kept_anywhere else {}).items():
+                inner.setdefault(k, []).extend(v)
         terms = {"policy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0} | ({"likelihood": 0.0} if cfg.likelihood_weight > 0 else {})
         terms.update({k: sum(v) / len(v) for k, v in inner.items()})
-        terms.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
+        for key in rounds[0][4]:
+            terms[f"reward_{key}"] = sum(float(r[4][key].mean()) for r in rounds) / len(rounds)
         terms["reward_std"] = float(rewards.std())
-        terms["kept_fraction"] = keep.numel() / adv.numel()
+        terms["kept_fraction"] = kept / rewards.numel()
         terms["optimizer_steps"] = float(self.optimizer_steps)
         for k, v in terms.items():
             self.window.setdefault(k, []).append(v)
         return terms, rewards.numel()
+
+    def sample_round(self) -> tuple[torch.Tensor, list[Transition], list, Any, dict]:
+        """Degrade the next batch and sample it: ((faces, group) rewards, transitions, the GT's
+        trajectory, the subclass's context, each reward component's scores)."""
+        cfg, acc = self.cfg, self.acc
+        faces, captions = with_captions(next(self.batches))
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        scores, path, ground_truth, context = self.sample(lq, hq, captions)
+        rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
+        return rewards, path, ground_truth, context, scores
 
     def policy_updates(
         self, path: list[Transition], adv: torch.Tensor, keep: torch.Tensor, ground_truth: list, context: Any = None

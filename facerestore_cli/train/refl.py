@@ -312,7 +312,7 @@ class ReflMethod(TrainingMethod):
         self.captions = CaptionLookup.from_config(cfg.captions, cfg.caption)
         self.setup = self.objective.describe()
         if self.setup["perceptual"].startswith("encoder_features") and self.acc.is_main_process:
-            log.warning("refl: no lpips_vgg weights given; the perceptual term is the fallback %s", self.setup["perceptual"])
+            log.warning("refl: the perceptual term is %s", self.setup["perceptual"])
 
     def resume(self, extra: dict[str, Any]) -> None:
         self.frm_updates = int(extra.get("frm_updates", 0))
