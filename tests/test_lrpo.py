@@ -348,10 +348,15 @@ def test_a_missing_reward_component_refuses_to_start_without_the_allow_flag(asse
     assert any(said in line for line in result["rewards"]) and said in (tmp_path / "allowed" / "rewards.txt").read_text()
 
 
-@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("lrpo*.toml"), *(CONFIGS / "experiments").glob("lrpo*.toml")]), ids=lambda p: p.name)
+LRPO_CONFIGS = sorted([*CONFIGS.glob("lrpo*.toml"), *(CONFIGS / "experiments").glob("lrpo*.toml"), *(CONFIGS / "paper").glob("lrpo*.toml")])
+
+
+@pytest.mark.parametrize("path", LRPO_CONFIGS, ids=lambda p: p.name)
 def test_every_lrpo_config_loads(path: Path) -> None:
     cfg = LrpoConfig.from_file(path)
     assert cfg.group_size >= 2 and cfg.sampling_steps >= 1
+    if "paper" in path.parts:  # the paper's setting: 12 rounds an epoch, its judges (none missing), 49 of 50 steps trained
+        assert cfg.rounds_per_epoch == 12 and not cfg.allow_missing_rewards and int(cfg.sampling_steps * cfg.timestep_fraction) == 49
 
 
 # ---------------------------------------------------------------- runs

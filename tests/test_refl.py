@@ -189,7 +189,7 @@ def test_bad_config_is_a_one_line_error(assets, tmp_path: Path) -> None:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REFL_CONFIGS = [*sorted(CONFIGS.glob("refl*.toml")), *sorted(CONFIGS.glob("experiments/refl*.toml"))]
+REFL_CONFIGS = [*sorted(CONFIGS.glob("refl*.toml")), *sorted(CONFIGS.glob("experiments/refl*.toml")), *sorted(CONFIGS.glob("paper/refl*.toml"))]
 
 
 def test_every_refl_config_is_tested() -> None:
@@ -197,13 +197,17 @@ def test_every_refl_config_is_tested() -> None:
     assert (
         "refl_tiny.toml" in names
         and {"refl_paper_no_dynamic_frm.toml", "refl_paper_no_structural.toml", "refl_paper_no_regulariser.toml"} <= names
+        and {"refl_diffbir.toml", "refl_diffbir_no_dynamic_frm.toml", "refl_diffbir_no_structural.toml", "refl_diffbir_no_regulariser.toml"}
+        <= names
     )
 
 
 @pytest.mark.parametrize("path", REFL_CONFIGS, ids=lambda p: p.name)
 def test_shipped_refl_configs_parse(path: Path) -> None:
     cfg = ReflConfig.from_file(path)
-    assert cfg.steps > 0 and cfg.lora_rank > 0 and cfg.degradation.jpeg_quality[0] >= 1
+    assert cfg.steps > 0 and cfg.degradation.jpeg_quality[0] >= 1
+    # the whole ControlNet (lora_rank 0) only for a DiffBIR base, with the paper's regulariser
+    assert cfg.lora_rank > 0 or (cfg.model == "diffbir-v1-face" and cfg.regulariser == "control_residuals")
 
 
 def test_two_process_refl_through_torchrun(assets, tmp_path: Path) -> None:
