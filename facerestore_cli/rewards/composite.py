@@ -199,10 +199,24 @@ class CompositeReward:
             )
         return -v if metric.lower_better else v
 
+    def to(self, device: torch.device | str) -> "CompositeReward":
+        """Every network judge (and the FRM) on `device`, where the restorations are (found on a GPU:
+        the judges were built on the CPU and met CUDA images)."""
+        for judge in [self.frm, *self.judges.values()]:
+            if isinstance(judge, torch.nn.Module):
+                judge.to(device)
+        return self
+
     @torch.no_grad()
     def __call__(self, restored01: Tensor, hq01: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
         """Images Bx3xHxW in [0, 1] (and each face's caption for a caption-reading FRM); returns
-        (B,) tensors on the CPU for each active component and 'total'."""
+        (B,) tensors on the CPU for each active component and 'total'. The judges run in their own
+        precision (fp32), also when the policy samples under bf16 autocast (found on a GPU: the
+        encoder judge's fp32 conv met bf16 activations)."""
+        with torch.autocast(restored01.device.type, enabled=False):
+            return self._score(restored01, hq01, captions)
+
+    def _score(self, restored01: Tensor, hq01: Tensor, captions: list[str] | None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         active, restored01, hq01 = self.effective, restored01.float(), hq01.float()
         if "frm" in active:

@@ -141,22 +141,28 @@ def refl_prediction(
     return ReflPrediction(x0, residuals, fixed, m, int(t))
 
 
-def estimated_peak_bytes(tuning: TunableControlNet, batch: int, face_size: int) -> int:
+#: activation memory per 512 px sample with gradient, measured on an H200 (bf16 frozen parts,
+#: gradient checkpointing, the whole ControlNet, benchmarks/gpu_tuning_memory.sh): LRPO's policy
+#: step (UNet + ControlNet at one timestep) 0.6 GiB; ReFL's step m also decodes x0 through the VAE
+#: with gradient for its image losses, 7.8 GiB (38.3 GiB peak at batch 4).
+ACTIVATION_GIB_PER_SAMPLE = {"lrpo": 0.75, "refl": 7.8}
+
+
+def estimated_peak_bytes(tuning: TunableControlNet, batch: int, face_size: int, method: str = "lrpo") -> int:
     """A rough peak of tuning memory, printed at the start of a run so a too-large setting is
     seen before an hour of loading: all weights, the optimiser state and gradients of what trains,
-    and activations scaled from the latent size (about 0.75 GiB per 512 px face and step with
-    gradient, measured on the CPU at full size; checkpointing cuts it roughly 3x)."""
+    and activations scaled from the latent size (`ACTIVATION_GIB_PER_SAMPLE`, measured)."""
     weights = sum(p.numel() * p.element_size() for m in (tuning.model, tuning.fixed) for p in m.parameters())
     trained = sum(p.numel() for p in tuning.parameters()) * _ADAM_BYTES
-    activations = int(0.75 * 2**30 * batch * (face_size / 512) ** 2)
+    activations = int(ACTIVATION_GIB_PER_SAMPLE[method] * 2**30 * batch * (face_size / 512) ** 2)
     return weights + trained + activations
 
 
-def describe_memory(tuning: TunableControlNet, lora_rank: int, samples: int, face_size: int) -> str:
+def describe_memory(tuning: TunableControlNet, lora_rank: int, samples: int, face_size: int, method: str = "lrpo") -> str:
     """The estimated peak line a run prints at its start (`samples`: faces a forward with gradient
     runs). It counts device memory: on the CPU the process also holds the memory-mapped
     checkpoint's pages while loading (measured 8-11 GiB RSS at full size against 5.4-6.5 GiB here)."""
-    peak = estimated_peak_bytes(tuning, samples, face_size)
+    peak = estimated_peak_bytes(tuning, samples, face_size, method)
     trainable = sum(p.numel() for p in tuning.parameters())
     what = f"LoRA rank {lora_rank}" if lora_rank else "the whole ControlNet"
     return f"{peak / 2**30:.1f} GiB ({what}: {trainable / 1e6:.1f}M trainable weights, {samples} samples a step, face {face_size} px)"

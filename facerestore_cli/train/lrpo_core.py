@@ -219,7 +219,7 @@ def composite_reward(cfg: LrpoConfig, encoder: torch.nn.Module | None, device: t
             if not cfg.allow_missing_rewards:
                 raise
             frm_missing = f"{cfg.frm}: {err}"
-    return CompositeReward(cfg.rewards, frm, encoder, sources=cfg.reward_sources(), frm_missing=frm_missing)
+    return CompositeReward(cfg.rewards, frm, encoder, sources=cfg.reward_sources(), frm_missing=frm_missing).to(device)
 
 
 def frm_captions(cfg: LrpoConfig, reward: CompositeReward) -> CaptionLookup | None:

@@ -451,7 +451,7 @@ class ControlNetReflMethod(ReflMethod):
         self.setup.update(
             tuned="the whole ControlNet" if cfg.lora_rank == 0 else f"LoRA rank {cfg.lora_rank} on the ControlNet",
             precision=f"{self.precision} (frozen parts {'bf16' if self.precision == 'bf16' else 'fp32'})",
-            estimated_peak_memory=describe_memory(self.tuning, cfg.lora_rank, cfg.batch_size, cfg.face_size),
+            estimated_peak_memory=describe_memory(self.tuning, cfg.lora_rank, cfg.batch_size, cfg.face_size, "refl"),
         )
         if self.on_start is not None and self.acc.is_main_process:
             self.on_start({"estimated peak memory": self.setup["estimated_peak_memory"]})
