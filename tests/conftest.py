@@ -18,15 +18,29 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to n, and the previous count put back afterwards."""
     import torch
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and an earlier test may have raised torch's count."""
+    yield from _torch_threads(1)
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """The bundled model and real training steps on both cores of the CI machine, for a module;
+    the count before it is restored, so later modules run as they would alone."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture

@@ -42,7 +42,6 @@ def face_like(size: int, seed: int) -> np.ndarray:
 def fine_tuning_assets(root: Path) -> dict[str, Path]:
     """What `refl` and `lrpo` tests tune: a tiny base restorer folder, a tiny FRM folder and a
     prepared folder of 6 face-like 64 px crops."""
-    from facerestore_cli.data.crops import MANIFEST, CropRecord
     from facerestore_cli.models import OneStepRestorer, configs
     from facerestore_cli.rewards.frm import FaceRewardModel, FrmConfig
 
@@ -61,13 +60,19 @@ def fine_tuning_assets(root: Path) -> dict[str, Path]:
     OneStepRestorer.from_config(small).save_pretrained(root / "base")
     torch.manual_seed(1)
     FaceRewardModel(FrmConfig.from_dict(TINY_FRM)).save_pretrained(root / "frm")
-    data = root / "faces"
+    return {"base": root / "base", "frm": root / "frm", "data": write_crops(root / "faces", 6)}
+
+
+def write_crops(data: Path, count: int, size: int = 64) -> Path:
+    """A prepared crop folder (`prepare-data`'s layout: PNGs and their manifest) of `count` synthetic faces."""
+    from facerestore_cli.data.crops import MANIFEST, CropRecord
+
     data.mkdir()
     with open(data / MANIFEST, "w") as f:
-        for i in range(6):
-            cv2.imwrite(str(data / f"{i:06d}.png"), face_like(64, i))
+        for i in range(count):
+            cv2.imwrite(str(data / f"{i:06d}.png"), face_like(size, i))
             f.write(json.dumps(CropRecord(f"{i:06d}.png", "synthetic", 0, 1.0, 20.0, 200.0, "0").__dict__) + "\n")
-    return {"base": root / "base", "frm": root / "frm", "data": data}
+    return data
 
 
 def free_port() -> int:

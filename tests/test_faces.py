@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import cv2
@@ -126,12 +125,13 @@ def test_rejects_non_rgb(detector):
         detector.detect([np.zeros((32, 32), np.uint8)])
 
 
-def test_detection_time_is_printed(detector, photos):
-    """Sanity only: a 512 px photo should take well under a second on CPU (printed, not asserted)."""
-    image = photos["face-api.js/bbt4.jpg"]
-    start = time.perf_counter()
-    detector.detect([image])
-    print(f"\nMTCNN on one {image.shape[1]}x{image.shape[0]} photo: {time.perf_counter() - start:.3f} s")
+def test_one_photo_on_its_own_finds_its_faces(detector, photos, detections):
+    """The call `restore` makes for a single photo (a batch of one) finds every face counted by
+    eye, where the batched call found them. (Its time is measured in benchmarks/bench_detect.py.)"""
+    name = "face-api.js/bbt4.jpg"
+    alone = detector.detect([photos[name]])[0]
+    assert len(alone) == COUNTED[name] == len(detections[name])
+    assert all(0.7 <= f.score <= 1.0 for f in alone)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -162,16 +162,11 @@ def test_retinaface_missing_weights_message(tmp_path):
 
 
 def test_retinaface_wrapper_loads_a_local_file(tmp_path):
-    """Random weights in facexlib's format (with DataParallel's 'module.' prefix) load and run."""
-    pytest.importorskip("facexlib")
-    import warnings
-
-    from facexlib.detection.retinaface import RetinaFace
+    """Random weights in facexlib's file layout (with DataParallel's 'module.' prefix) load and run."""
+    from facerestore_cli.faces.retinaface import RetinaFaceR50
 
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = RetinaFace(network_name="resnet50", device="cpu")
+    net = RetinaFaceR50()
     file = tmp_path / "detection_Resnet50_Final.pth"
     torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, file)
     del net

@@ -182,6 +182,7 @@ def test_cli_passes_the_frame_path_and_face_size(monkeypatch: pytest.MonkeyPatch
         raise InputError("stop here")
 
     monkeypatch.setattr(face_restorer_module, "build_face_restorer", build)
+    cv2.imwrite(str(tmp_path / "photo.png"), np.zeros((32, 32, 3), np.uint8))  # the model loads for a first file
     run = lambda *opts: CliRunner().invoke(main, ["restore", str(tmp_path), "-o", str(tmp_path / "out"), *opts])  # noqa: E731
     result = run("--frame-path", "tensor")
     assert result.exit_code == 2 and "stop here" in result.output

@@ -79,7 +79,8 @@ def test_a_grey_level_or_two_off_passes_and_is_measured(dirs):
     assert 1.3 < mean < 1.7
     assert "worst p99 2, max 2" in text
     rc, text = _compare(ref, out, max_mean=1.0)  # a tighter limit fails the same file
-    assert rc == 1 and "mean 1." in text and "> 1" in text
+    failed = re.search(r"\| FAIL: mean (\d+\.\d\d) > 1 \|", text)  # the file's row names the limit it broke
+    assert rc == 1 and failed and float(failed.group(1)) == pytest.approx(mean, abs=0.01) and "compare test: FAIL" in text, text
 
 
 def test_a_black_patch_where_the_reference_is_lit_fails(dirs):
@@ -92,7 +93,7 @@ def test_a_black_patch_where_the_reference_is_lit_fails(dirs):
     _write(out, "a.png", bad)
     rc, text = _compare(ref, out, max_mean=255, max_p99=255)  # fails on the black tiles alone
     assert rc == 1
-    assert "4 black tiles" in text and "FAIL" in text
+    assert re.search(r"\| FAIL: 4 black tiles \|", text) and "compare test: FAIL" in text, text  # the 32 px patch: 2 x 2 tiles
 
 
 def test_a_black_restored_face_crop_fails(dirs):

@@ -196,10 +196,39 @@ def test_lpips_never_downloads(monkeypatch, tmp_path):
     assert reason and external.ALEXNET_FILE in reason
 
 
+class Tripwire:
+    """Stands in for the socket functions during a test: a call records where it went and raises,
+    so nothing connects even when the guard under test fails to refuse."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+        def trip(*args, **_kwargs):
+            self.calls.append(args)
+            raise ConnectionRefusedError("tripwire: a test connection got past the network guard")
+
+        self.connect, self.connect_ex, self.create_connection = trip, trip, trip
+
+    def installed(self) -> bool:
+        return (socket.socket.connect, socket.socket.connect_ex, socket.create_connection) == (
+            self.connect,
+            self.connect_ex,
+            self.create_connection,
+        )
+
+
 @pytest.fixture
-def fake_pyiqa(monkeypatch):
+def tripwire(monkeypatch) -> Tripwire:
+    wire = Tripwire()
+    monkeypatch.setattr(socket.socket, "connect", wire.connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", wire.connect_ex)
+    monkeypatch.setattr(socket, "create_connection", wire.create_connection)
+    return wire
+
+
+@pytest.fixture
+def fake_pyiqa(monkeypatch, tripwire: Tripwire):
     """A stand-in pyiqa: `piqe` builds without weights; `musiq` tries to download (and must be stopped)."""
-    import torch
 
     class Model:
         lower_better = True
@@ -210,7 +239,8 @@ def fake_pyiqa(monkeypatch):
     def create_metric(name, device=None, as_loss=False):
         if name == "piqe":
             return Model()
-        socket.create_connection(("weights.invalid", 443))  # what a download would do first
+        with socket.socket() as s:  # what a download does first (an address literal: no DNS lookup either)
+            s.connect(("192.0.2.1", 443))
         raise AssertionError("the network guard should have stopped this")
 
     mod = types.ModuleType("pyiqa")
@@ -218,7 +248,7 @@ def fake_pyiqa(monkeypatch):
     mod.create_metric = create_metric
     monkeypatch.setitem(sys.modules, "pyiqa", mod)
     external._build_pyiqa.cache_clear()
-    yield torch
+    yield tripwire
     external._build_pyiqa.cache_clear()
 
 
@@ -230,5 +260,6 @@ def test_pyiqa_metrics_only_with_weights_on_disk(fake_pyiqa):
     assert metric.lower_better and not metric.full_reference
     img = np.full((32, 32, 3), 51, np.uint8)
     assert metric(img) == pytest.approx(0.2, abs=1e-6)
-    # the guard is lifted again afterwards
-    assert socket.create_connection is not None and socket.socket.connect.__name__ != "refuse"
+    # the guard refused the download itself (the tripwire saw nothing), and put back what was there
+    assert fake_pyiqa.calls == [], f"a connection got past the guard: {fake_pyiqa.calls}"
+    assert fake_pyiqa.installed(), "the guard must restore the socket functions it replaced"

@@ -128,7 +128,9 @@ def test_skip_fusion_starts_as_a_no_op_then_feeds_the_input_to_the_decoder(tmp_p
     with torch.no_grad():
         plain = model(x)
         model.add_skip_fusion([1, 2, 3])
-        assert torch.equal(model(x), plain), "fresh fusion must leave a finished restorer's output unchanged"
+        # the fused decoder is our own walk through diffusers' blocks, not its forward: a float
+        # tolerance far below what any fusion weight moves (randomised below: > 1e-3)
+        torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=0, msg="fresh fusion must leave the output unchanged")
         randomize_fusion(model)
         fused = model(x)
         assert (fused - plain).abs().max() > 1e-3

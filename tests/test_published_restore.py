@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fakes import face_like
+from fakes import assert_images_close, face_like
 from test_diffbir import tiny_models, write_tiny_files
 from test_swinir import tiny_model as tiny_swinir
 from upstream_fakes import tiny_sd_models, write_ldm_file, write_osediff_pkl
@@ -84,7 +84,9 @@ def test_restore_with_an_osediff_model_file_and_the_ldm_file(files: dict[str, Pa
     assert code == 0, output
     code, output, by_options = restore(tmp_path, "b", "--model", str(files["osediff_sd"]), "--osediff", str(files["osediff"]))
     assert code == 0, output
-    assert by_file is not None and by_file.shape == (FACE, FACE, 3) and np.array_equal(by_file, by_options)
+    assert by_file is not None and by_file.shape == (FACE, FACE, 3)
+    # two loading paths merge the same LoRA into the same SD: the same restorer up to float rounding
+    assert_images_close([by_options], [by_file], what="--model SD --osediff PKL against the model file")
     face = cv2.imread(str(tmp_path / "face.png"))
     assert np.abs(by_file.astype(int) - face.astype(int)).mean() > 1, "the random tiny model changes the face"
 

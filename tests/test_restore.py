@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from fakes import make_face_video
 
@@ -30,8 +29,7 @@ ALIGNED = "CodeFormer/inputs/cropped_faces/0143.jpg"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(2)
+def engine(two_threads):
     return build_face_restorer(faces=FaceSettings(batch_size=4), device="cpu")
 
 
@@ -209,9 +207,11 @@ def test_cli_refuses_a_bad_color_fix_before_reading_anything(real: Path, tmp_pat
 
 def test_cli_turns_only_user_errors_into_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A FacerestoreError is the user's to fix: one line and exit code 2. Anything else is a bug
-    and must surface as one, not pass for bad input."""
+    and must surface as one, not pass for bad input. (The model loads for the first photo.)"""
     from facerestore_cli.errors import MissingFileError
     from facerestore_cli.restore import face_restorer as face_restorer_module
+
+    cv2.imwrite(str(tmp_path / "photo.png"), np.zeros((32, 32, 3), np.uint8))
 
     def load(error: Exception):
         def fails(*args, **kwargs):

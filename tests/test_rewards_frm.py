@@ -173,6 +173,38 @@ def test_score_prints_one_line_per_file_and_reports_bad_files(tiny_frm: Path, tm
     assert ordered.exit_code == 0 and scores == sorted(scores, reverse=True) and "best:" in ordered.stderr
 
 
+def test_score_warns_once_per_input_that_is_not_an_aligned_crop(tiny_frm: Path, tmp_path: Path) -> None:
+    """Without --detect a whole photo still gets a number, but not silently: a non-square input,
+    or a square one whose face is not where an aligned crop has it, gets one warning line."""
+    from facerestore_cli.faces.detector import build_detector
+    from facerestore_cli.rewards.scoring import aligned_faces
+
+    photo = cv2.imread(str(Path(__file__).resolve().parents[1] / "examples" / "astronaut_lq.jpg"))  # square, face off-template
+    cv2.imwrite(str(tmp_path / "photo.png"), photo)
+    cv2.imwrite(str(tmp_path / "wide.png"), photo[:, :400])
+    crop = aligned_faces(photo[:, :, ::-1].copy(), build_detector("mtcnn"))[0]
+    cv2.imwrite(str(tmp_path / "crop.png"), crop[:, :, ::-1])
+    names = ["photo.png", "wide.png", "crop.png"]
+    res = CliRunner().invoke(
+        main, ["score", *[str(tmp_path / n) for n in names], "--model", str(tiny_frm), "--json", str(tmp_path / "s.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert [Path(line.split("\t")[1]).name for line in res.stdout.strip().splitlines()] == names, "every input is still scored"
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, res.stderr
+    assert (
+        warnings[0]
+        == f"warning: {tmp_path / 'photo.png'}: its face is not where an aligned face crop has it; its score is not a face's (--detect scores the faces in a photo)"
+    )
+    assert warnings[1].startswith(f"warning: {tmp_path / 'wide.png'}: 400x512 pixels, not a square aligned face crop;")
+    rows = json.loads((tmp_path / "s.json").read_text())["scores"]
+    assert [r["warning"] is None for r in rows] == [False, False, True]
+    trusted = CliRunner().invoke(main, ["score", *[str(tmp_path / n) for n in names], "--model", str(tiny_frm), "--aligned-ok"])
+    assert [line for line in trusted.stderr.splitlines() if line.startswith("warning:")] == [warnings[1]], "the shape is always checked"
+    detected = CliRunner().invoke(main, ["score", str(tmp_path / "photo.png"), "--model", str(tiny_frm), "--detect"])
+    assert detected.exit_code == 0 and "warning:" not in detected.stderr
+
+
 def test_score_without_weights_is_a_clear_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["score", "x.png", "--model", str(tmp_path)])
     assert res.exit_code == 2 and "not an FRM folder" in res.stderr

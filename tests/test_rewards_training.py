@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -74,11 +75,15 @@ def test_train_frm_learns_a_preference_and_reports_validation_accuracy(sharp_vs_
 def test_train_frm_stops_on_time_and_resumes(sharp_vs_blurred: Path, tmp_path: Path) -> None:
     cfg = FrmTrainConfig.from_file(write_config(tmp_path / "frm.toml", sharp_vs_blurred, steps=20))
     stopped = train_frm(cfg, tmp_path / "run", max_minutes=1e-6)
-    assert not stopped.finished and stopped.step == 1 and not (tmp_path / "run" / "final").exists()
+    # a 60 us budget: one step, or none when the machine is busy before the budget is first read
+    assert not stopped.finished and stopped.step in (0, 1) and not (tmp_path / "run" / "final").exists()
     res = CliRunner().invoke(
         main, ["train-frm", "--config", str(tmp_path / "frm.toml"), "--out", str(tmp_path / "run"), "--steps", "20", "--device", "cpu"]
     )
-    assert res.exit_code == 0 and "19" in res.stderr and "steps this run" in res.stderr, res.output
+    assert res.exit_code == 0, res.output
+    # the summary's rows (table borders vary with the terminal): the steps made now, ending at 20 of 20
+    made = 20 - stopped.step
+    assert re.search(rf"\bsteps this run\W+{made}\W", res.stderr) and re.search(r"\bstep\W+20 / 20\W", res.stderr), res.stderr
     state = torch.load(tmp_path / "run" / "checkpoint" / "training_state.pt", weights_only=False)
     assert state["step"] == 20 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
     more = train_frm(FrmTrainConfig.from_dict({**cfg.to_dict(), "steps": 25}), tmp_path / "run")

@@ -110,8 +110,7 @@ def tiny_run_config(data: Path, steps: int, **changes) -> RestorerTrainConfig:
     return RestorerTrainConfig.from_dict(raw | changes)
 
 
-def test_training_checkpoints_resumes_and_exports(prepared: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+def test_training_checkpoints_resumes_and_exports(prepared: Path, tmp_path: Path, two_threads: None) -> None:
     first = train_restorer(tiny_run_config(prepared, 2), tmp_path)
     assert first["finished"] and (tmp_path / "checkpoint" / "model").is_dir()
     more = train_restorer(tiny_run_config(prepared, 4), tmp_path)

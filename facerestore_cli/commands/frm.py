@@ -288,31 +288,59 @@ def frm_eval(pair_files, model, clip, json_path, device) -> None:
 )
 @click.option("--caption", default=None, help="Caption for caption-conditioned models (HPSv2-style FRMs).")
 @click.option("--detect", is_flag=True, help="Inputs are photos: detect and align faces first (score = mean over faces).")
+@click.option(
+    "--aligned-ok",
+    is_flag=True,
+    help="Inputs are aligned face crops: skip the detector pass that checks each square input has its face where an aligned crop does (non-square inputs are still warned about).",
+)
 @click.option("--sort", is_flag=True, help="Print best first.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the scores as JSON.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @device_option()
-def score_cmd(inputs, model, clip, caption, detect, sort, json_path, batch_size, device) -> None:
+def score_cmd(inputs, model, clip, caption, detect, aligned_ok, sort, json_path, batch_size, device) -> None:
     """Print the FRM score (higher is better) of each aligned face in INPUTS (files, folders, globs).
+
+    Without --detect each input must be an aligned face crop (FFHQ layout, as `restore
+    --save-faces` and `prepare-data` write them); one that is not square, or whose face the
+    detector does not find where an aligned crop has it, is still scored but gets a warning line:
+    its score is not a face's.
 
     \b
     Example (pick the best of several restorations of one face):
       facerestore score restored_a/face.png restored_b/face.png --sort
     """
+    from rich.markup import escape
+
     from facerestore_cli.io.inputs import discover_inputs
     from facerestore_cli.rewards.scoring import score_paths
 
     frm = _load_model(model, device, clip)
+    from facerestore_cli.faces.detector import build_detector
+    from facerestore_cli.faces.face import DetectorUnavailable
+
     detector = None
     if detect:
-        from facerestore_cli.faces.detector import build_detector
-
         detector = build_detector("mtcnn", device=frm.device)
+    elif not aligned_ok:
+        try:  # the detector only checks the crops: without its weights, only their shape is checked
+            detector = build_detector("mtcnn", device=frm.device)
+        except DetectorUnavailable:
+            detector = None
     items, errors = discover_inputs(list(inputs))
-    scores, bad = score_paths(frm, [i.path for i in items], caption, detector, batch_size)
+    if detect:
+        scores, bad = score_paths(frm, [i.path for i in items], caption, detector, batch_size)
+    else:
+        scores, bad = score_paths(frm, [i.path for i in items], caption, None, batch_size, checker=detector)
     errors += bad
     for err in errors:
         _error_line(str(err))
+    for s in scores:
+        if s.warning:
+            console.print(
+                f"[yellow]warning:[/yellow] {escape(str(s.path))}: {escape(s.warning)}; its score is not a face's (--detect scores the faces in a photo)",
+                highlight=False,
+                soft_wrap=True,
+            )
     shown = sorted(scores, key=lambda s: -s.score) if sort else scores
     for s in shown:
         extra = f"\t({len(s.faces)} faces: {', '.join(f'{x:.4f}' for x in s.faces)})" if len(s.faces) > 1 else ""
@@ -322,7 +350,7 @@ def score_cmd(inputs, model, clip, caption, detect, sort, json_path, batch_size,
         console.print(f"best: {best.path} ({best.score:.4f})", highlight=False)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"file": str(s.path), "score": s.score, "faces": s.faces} for s in scores]
+        rows = [{"file": str(s.path), "score": s.score, "faces": s.faces, "warning": s.warning} for s in scores]
         json_path.write_text(json.dumps({"scores": rows, "errors": [str(e) for e in errors]}, indent=1) + "\n")
     if errors:
         sys.exit(1)

@@ -1,10 +1,21 @@
 """`restore`: faces in photos and videos restored into an output folder. Option parsing, progress
-and the summary only; the work is in `facerestore_cli.restore`."""
+and the summary only; the work is in `facerestore_cli.restore`.
+
+Before anything loads, a run is checked in this order: its options (click, then the ones that do
+not go together), its paths (the files --model names), then its device, the only check that may
+import torch (a CUDA device, or fp16 with auto): `restore.options.check_before_loading`. The
+model and detector are loaded when the first file needs them (`restore.lazy`), so a run with
+nothing left to restore (`--skip-existing`) never imports torch. This module and the ones it
+imports at the top stay torch-free, so `facerestore --help` is quick.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -25,8 +36,7 @@ from facerestore_cli.commands.ui import (
     user_errors,
 )
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
-from facerestore_cli.restore.frames import FRAME_PATHS
-from facerestore_cli.restore.options import parse_batch_size, parse_face_size
+from facerestore_cli.restore.options import FRAME_PATHS, parse_batch_size, parse_face_size
 
 
 class RichReporter:
@@ -55,26 +65,105 @@ class RichReporter:
             self.frames = None
         self.progress.advance(self.files)
 
+    def file_finished(self, record) -> None: ...
+
     def error(self, message: str) -> None:
         self.progress.console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
 
 
+#: How many files without faces the summary names before "and N more".
+NAMED_FILES = 5
+
+
+def named(count: int, paths: list[str], first: int = NAMED_FILES) -> str:
+    """`count`, and the first few of `paths` by name: "2 (a.jpg, b.png)", "9 (a.jpg, ... and 4 more)"."""
+    if not paths:
+        return str(count)
+    more = f" and {len(paths) - first} more" if len(paths) > first else ""
+    return f"{count} ({', '.join(paths[:first])}{more})"
+
+
 def print_summary(summary) -> None:
-    """The end-of-run table of `restore`."""
-    print_run_summary(
-        "facerestore summary",
-        {
-            "files": summary.files,
-            "images / videos (frames)": f"{summary.images} / {summary.videos} ({summary.frames})",
-            "faces found": summary.faces_found,
-            "faces restored": summary.faces_restored,
-            "files without faces": summary.files_without_faces,
-            "skipped (existing)": summary.skipped,
-            "failures": len(summary.failures),
-            "time": f"{summary.seconds:.1f} s",
-            "faces per second": f"{summary.faces_per_s:.2f}",
-        },
-    )
+    """The end-of-run table of `restore`, after a warning line for each output whose colour model
+    or depth changed ("photo.jpg: CMYK written as RGB")."""
+    for note in summary.notes:
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    rows = {
+        "files": summary.files,
+        "images / videos (frames)": f"{summary.images} / {summary.videos} ({summary.frames})",
+        "faces found": summary.faces_found,
+        "faces restored": summary.faces_restored,
+        "files without faces": named(summary.files_without_faces, summary.without_faces),
+        "skipped (existing)": summary.skipped,
+        "failures": len(summary.failures),
+        "time": f"{summary.seconds:.1f} s",
+        "faces per second": f"{summary.faces_per_s:.2f}",
+    }
+    if summary.interrupted:
+        rows["left (interrupted)"] = summary.left
+    print_run_summary("facerestore summary", rows)
+
+
+def resume_command(ctx: click.Context, world: int = 1) -> str:
+    """The command line that resumes this run: the options given, and --skip-existing."""
+    from click.core import ParameterSource
+
+    words: list[str] = []
+    options: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if ctx.get_parameter_source(param.name or "") not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, (tuple, list)) else [value])]
+            continue
+        name = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if getattr(param, "is_flag", False):
+            options += [name] if value else []
+        else:
+            options += [name, str(value)]
+    if "--skip-existing" not in options:
+        options.append("--skip-existing")
+    root = ctx.find_root().info_name or "facerestore"
+    program = f"torchrun --nproc_per_node {world} -m facerestore_cli.cli" if world > 1 else root
+    return f"{program} {shlex.join([ctx.info_name or 'restore', *words, *options])}"
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(stop: threading.Event):
+    """While restoring, a first Ctrl-C sets `stop` (the loop finishes the photos in hand and
+    stops) and a second raises KeyboardInterrupt (the file in hand is dropped at once). Only the
+    main thread can take signals; elsewhere Ctrl-C keeps Python's default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        console.print(
+            "\n[yellow]Ctrl-C:[/yellow] stopping after the photos in hand (a video in hand is dropped, to be redone); "
+            "Ctrl-C again to stop at once",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def print_interrupted(summary, resume: str, lead: bool = True) -> None:
+    """After a run Ctrl-C stopped: the summary so far (when given) and the command that resumes
+    it (by the first process of a torchrun); exit code 130, as a shell gives a program Ctrl-C ends."""
+    if summary is not None:
+        print_summary(summary)
+    if lead:
+        console.print(f"[yellow]interrupted[/yellow]; to resume: {escape(resume)}", highlight=False, soft_wrap=True)
+    sys.exit(130)
 
 
 @click.command()
@@ -149,6 +238,14 @@ def print_summary(summary) -> None:
     metavar="FRAMES",
     help="Videos: search the whole frame for faces every FRAMES frames and follow the faces found in between (several times less detection time on a CPU); a face coming into the picture is restored at most FRAMES frames late. 1: search every frame.",
 )
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE.jsonl",
+    help="Write one JSON line per input as it finishes: path, output, status (ok, skipped, failed, no_faces), faces found and restored, seconds, error.",
+)
 def restore(
     inputs,
     outdir,
@@ -175,6 +272,7 @@ def restore(
     frame_path,
     face_size,
     detect_every,
+    report_path,
 ) -> None:
     """Restore every face in INPUTS (images, videos, folders, globs) into OUTPUT.
 
@@ -186,47 +284,78 @@ def restore(
       facerestore restore old_photos/ family.mp4 -o restored/
       torchrun --nproc_per_node 4 -m facerestore_cli.cli restore frames/ -o restored/ --skip-existing
     """
-    from facerestore_cli.restore.face_restorer import build_face_restorer
+    from facerestore_cli.restore.lazy import LazyFaceRestorer, build_errors
     from facerestore_cli.restore.loop import restore_shard
-    from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice, RestoreOptions
-    from facerestore_cli.restore.report import ErrorsOnlyReporter
-    from facerestore_cli.restore.shards import Shard, join_shards
+    from facerestore_cli.restore.options import DetectionSettings, FaceSettings, ModelChoice, RestoreOptions, check_before_loading
+    from facerestore_cli.restore.report import ErrorsOnlyReporter, Interrupted, JsonlReport, ReportingReporter
+    from facerestore_cli.restore.shards import Shard, join_shards, wait_for_all
 
+    choice = ModelChoice(
+        model=model,
+        lora=lora,
+        osediff=osediff,
+        backend=backend,
+        engine_file=engine_path,
+        precision=precision,
+        compile=compile_model,
+        sampling=sampling,
+    )
     with user_errors():
         shard = Shard.from_env()
-        join_shards(shard)
-        who = f"(rank {shard.rank}) " if shard.distributed else ""
+        check_before_loading(choice, device)  # options, paths, then the device: torch only if that needs it
+    lead = shard.rank == 0
+    who = f"(rank {shard.rank}) " if shard.distributed else ""
+    resume = resume_command(click.get_current_context(), shard.world)
 
-        def warn(message: str) -> None:
-            console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {who}{escape(message)}", highlight=False, soft_wrap=True)
 
-        face_restorer = build_face_restorer(
-            ModelChoice(
-                model=model,
-                lora=lora,
-                osediff=osediff,
-                backend=backend,
-                engine_file=engine_path,
-                precision=precision,
-                compile=compile_model,
-                sampling=sampling,
-            ),
+    def show(message: str) -> None:
+        console.print(f"[red]error:[/red] {who}{escape(message)}", highlight=False, soft_wrap=True)
+
+    def build_restorer():
+        """The model and detector, loaded when the first file needs them (restore/lazy.py)."""
+        from facerestore_cli.restore.face_restorer import build_face_restorer
+
+        built = build_face_restorer(
+            choice,
             DetectionSettings(detector=detector, threshold=det_threshold, min_face_size=min_face_size),
             FaceSettings(batch_size=batch_size, color_fix=color_fix, frame_path=frame_path, face_size=face_size),
             device=device,
             warn=warn,
             shard=shard,
         )
-    lead = shard.rank == 0
-    if backend != "torch" and lead:
-        console.print(f"backend: {face_restorer.model.describe()}", highlight=False, soft_wrap=True, markup=False)
-    opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detect_every=detect_every)
-    show = lambda m: console.print(f"[red]error:[/red] {who}{escape(m)}", highlight=False, soft_wrap=True)  # noqa: E731
-    with progress_bar() if lead else contextlib.nullcontext() as progress:
-        summary = restore_shard(inputs, face_restorer, opts, RichReporter(progress) if lead else ErrorsOnlyReporter(show), shard)
+        if backend != "torch" and lead:
+            console.print(f"backend: {built.model.describe()}", highlight=False, soft_wrap=True, markup=False)
+        return built
+
+    report = None
+    stop = threading.Event()
+    try:
+        with user_errors():
+            join_shards(shard)
+            if report_path is not None:  # rank 0 empties the file before any rank writes to it
+                report = JsonlReport(report_path, fresh=lead)
+                wait_for_all(shard)
+        face_restorer = LazyFaceRestorer(build_restorer, batch_size)
+        opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detect_every=detect_every)
+        with progress_bar() if lead else contextlib.nullcontext() as progress, ctrl_c_stops(stop), user_errors(), build_errors():
+            reporter = RichReporter(progress) if lead else ErrorsOnlyReporter(show)
+            if report is not None:
+                reporter = ReportingReporter(reporter, report)
+            summary = restore_shard(inputs, face_restorer, opts, reporter, shard, stop=stop.is_set)
+    except Interrupted as stopped:  # a second Ctrl-C: the file in hand was dropped
+        print_interrupted(stopped.summary if lead else None, resume, lead)
+    except KeyboardInterrupt:  # before any file was started
+        print_interrupted(None, resume, lead)
+    finally:
+        if report is not None:
+            report.close()
     if lead:
         print_summary(summary)
+    if not summary.ok and lead:
+        console.print(f"[red]{len(summary.failures)} input(s) failed[/red] (listed above)")
+    if summary.interrupted:
+        print_interrupted(None, resume, lead)
     if not summary.ok:
-        if lead:
-            console.print(f"[red]{len(summary.failures)} input(s) failed[/red] (listed above)")
         sys.exit(1)

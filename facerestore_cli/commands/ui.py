@@ -22,7 +22,7 @@ from rich.progress import (
 )
 
 from facerestore_cli.errors import FacerestoreError
-from facerestore_cli.models.color import AUTO_COLOR_FIX, parse_color_fix_choice
+from facerestore_cli.models.color_spec import AUTO_COLOR_FIX, parse_color_fix_choice
 
 console = Console(stderr=True)
 

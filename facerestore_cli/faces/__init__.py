@@ -1,18 +1,32 @@
-"""Faces: detection with five landmarks, FFHQ alignment to square crops, seamless paste-back."""
+"""Faces: detection with five landmarks, FFHQ alignment to square crops, seamless paste-back.
 
-from facerestore_cli.faces.align import FFHQ_TEMPLATE_512, estimate_affine, face_template, paste_faces, scale_affine, warp_faces
-from facerestore_cli.faces.detector import build_detector
-from facerestore_cli.faces.face import Detector, DetectorUnavailable, Face
+The names below load their module on first use, so importing a light module of the package
+(`faces.tracking`, whose default `restore --detect-every` is) does not import OpenCV and the
+detectors.
+"""
 
-__all__ = [
-    "FFHQ_TEMPLATE_512",
-    "Detector",
-    "DetectorUnavailable",
-    "Face",
-    "build_detector",
-    "estimate_affine",
-    "face_template",
-    "paste_faces",
-    "scale_affine",
-    "warp_faces",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "FFHQ_TEMPLATE_512": "align",
+    "estimate_affine": "align",
+    "face_template": "align",
+    "paste_faces": "align",
+    "scale_affine": "align",
+    "warp_faces": "align",
+    "build_detector": "detector",
+    "Detector": "face",
+    "DetectorUnavailable": "face",
+    "Face": "face",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from facerestore_cli.io.images import resize_image, scaled_size
+
 #: facexlib's FFHQ template for 512 px crops: left eye, right eye, nose, left/right mouth corner.
 FFHQ_TEMPLATE_512 = np.array(
     [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
@@ -169,12 +171,14 @@ def paste_faces(
     face_size: int | None = None,
     feather: float = 0.05,
 ) -> np.ndarray:
-    """Blend restored crops back into `image` (uint8 RGB) with feathered masks; returns a new image.
+    """Blend restored crops back into `image` with feathered masks; returns a new image.
 
+    image: uint8 RGB, or uint16 (HxWx3, or HxW grey, whose faces must then be HxW too): faces
+    are in 0..255 (uint8 or float) and are blended in float at the image's own depth.
     affines: as from estimate_affine, for `image`'s resolution (use scale_affine for an upscaled
     background) and for crops of face_size (default: each crop's own size; a crop of another
     size is rescaled). feather: width of the blend band as a fraction of the crop size.
-    Pixels no mask touches are returned bit-identical.
+    Pixels no mask touches are returned bit-identical, at every depth.
     """
     if len(faces) != len(affines):
         raise ValueError(f"{len(faces)} faces but {len(affines)} affines")
@@ -189,8 +193,32 @@ def paste_faces(
     return out
 
 
+def paste_faces_high(
+    high: np.ndarray, faces: Sequence[np.ndarray], affines: Sequence[np.ndarray], upscale: float = 1.0, grey: bool = False
+) -> np.ndarray:
+    """Restored crops pasted onto a photo's 16-bit samples (uint16 HxWxC, C = 1-4, alpha last:
+    `LoadedImage.high`) as `paste_faces` pastes them onto its 8-bit frame: the same affines (for
+    the input's scale; the samples are upscaled by `upscale` first) and mask, blended in float,
+    so what no mask touches keeps all 16 bits. A grey photo gets grey faces (their luma, with
+    the weights Pillow turns RGB into grey with)."""
+    colours = 1 if high.shape[2] <= 2 else 3
+    if upscale != 1:
+        size = scaled_size(high.shape[0], high.shape[1], upscale)
+        high = resize_image(high, size=size).reshape(*size, high.shape[2])
+    crops = [np.asarray(f, np.float32) for f in faces]
+    if grey or colours == 1:
+        crops = [f @ np.array([0.299, 0.587, 0.114], np.float32) for f in crops]
+        crops = crops if colours == 1 else [np.repeat(f[..., None], 3, axis=2) for f in crops]
+    if not crops:
+        return high
+    out = high.copy()
+    colour = out[..., 0] if colours == 1 else out[..., :3]
+    colour[...] = paste_faces(np.ascontiguousarray(colour), crops, [scale_affine(m, upscale) for m in affines])
+    return out
+
+
 def _paste_one(out: np.ndarray, face: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> None:
-    """Blend one crop into `out` in place, touching only the crop's bounding region."""
+    """Blend one crop (0..255) into `out` (uint8 or uint16) in place, touching only the crop's bounding region."""
     n = face.shape[0]
     inverse = cv2.invertAffineTransform(affine).astype(np.float64)
     box = _bounds(inverse, n, out.shape[:2], pad=2)
@@ -210,7 +238,10 @@ def _paste_one(out: np.ndarray, face: np.ndarray, affine: np.ndarray, mask: np.n
     # Bilinear for the mask: it is smooth already and must stay within [0, 1] and exactly 0 outside.
     weight = cv2.warpAffine(mask, inverse, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     roi = out[y0:y1, x0:x1]
+    top = float(np.iinfo(out.dtype).max)
+    if top != 255:
+        warped *= np.float32(top / 255)  # e.g. 257: 8-bit levels onto 16-bit ones
     bg = roi.astype(np.float32)
-    w = weight[..., None]
-    blended = np.clip(np.rint(bg + w * (warped - bg)), 0, 255).astype(np.uint8)
+    w = weight[..., None] if roi.ndim == 3 else weight
+    blended = np.clip(np.rint(bg + w * (warped - bg)), 0, top).astype(out.dtype)
     roi[...] = np.where(w > 0, blended, roi)

@@ -1,4 +1,5 @@
-"""Reading and writing images: RGB uint8 arrays with their alpha, grey flag, EXIF and ICC kept."""
+"""Reading and writing images: RGB uint8 arrays with their alpha, grey flag, EXIF and ICC kept,
+and the 16-bit samples of 16-bit PNG and TIFF files (high_depth.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from facerestore_cli.io.files import MediaError, publish, temp_path_for, unlink_quietly
+from facerestore_cli.io.high_depth import (
+    HIGH_FORMATS,
+    eight_bit,
+    encode_png,
+    is_tiff,
+    orient,
+    read_high_depth,
+    read_tiff,
+    tiff_is_cut,
+    write_tiff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +36,12 @@ log = logging.getLogger(__name__)
 class LoadedImage:
     """Decoded, upright image plus what we need to write the result back faithfully.
 
-    ``rgb`` is always 8-bit 3-channel (what the model wants); 16-bit files are reduced to
-    8 bits on read and ``bit_depth`` only records what the file had.
+    ``rgb`` is always 8-bit 3-channel (what the model wants). For a 16-bit PNG or TIFF, ``high``
+    keeps the file's own samples: uint16 HxWxC, C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4
+    (RGBA), of which ``rgb`` and ``alpha`` are the 8-bit view; restored faces are pasted onto it
+    and it is written back at 16 bits. ``notes`` say how the colour model or bit depth changes
+    when the image is written again (e.g. "CMYK written as RGB"); `output_notes` adds what the
+    output's format cannot hold.
     """
 
     rgb: np.ndarray
@@ -33,6 +50,8 @@ class LoadedImage:
     bit_depth: int = 8
     exif: bytes | None = None
     icc: bytes | None = None
+    high: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -72,6 +91,8 @@ def _decode_reason(err: BaseException) -> str:
     text = str(err)
     if "truncated" in text.lower():
         return "cannot decode image: truncated file"
+    if text.startswith("decoder error"):  # libtiff's failures (a cut-off TIFF among them), as Pillow words them
+        return f"cannot decode image: damaged or truncated file ({text})"
     return f"cannot decode image: {text or type(err).__name__}"
 
 
@@ -94,6 +115,8 @@ def _open_decoded(path: Path) -> tuple[Image.Image, int]:
             raise MediaError(path, "file is empty (0 bytes)")
     except FileNotFoundError as err:
         raise MediaError(path, "no such file") from err
+    if is_tiff(path) and tiff_is_cut(path):
+        raise MediaError(path, "cannot decode image: truncated file")
     img: Image.Image | None = None
     try:
         with _strict_decoding():
@@ -149,18 +172,20 @@ def _split_pixels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb), alpha
 
 
-def _upright(img: Image.Image) -> tuple[Image.Image, bytes | None]:
-    """Apply EXIF orientation; returns the image and its EXIF without the orientation tag.
+def _upright(img: Image.Image) -> tuple[Image.Image, bytes | None, int]:
+    """Apply EXIF orientation; returns the image, its EXIF without the orientation tag and the
+    orientation applied (1: none).
 
     Broken EXIF is common in phone/editor output: keep the pixels, drop the metadata.
     """
     try:
+        orientation = img.getexif().get(0x0112, 1)
         upright = ImageOps.exif_transpose(img) or img
     except Exception as err:  # Pillow raises many types on malformed EXIF
         log.debug("ignoring unreadable EXIF: %s", err)
-        return img, None
+        return img, None, 1
     exif = upright.info.get("exif")
-    return upright, exif if isinstance(exif, bytes) and exif else None
+    return upright, exif if isinstance(exif, bytes) and exif else None, orientation if isinstance(orientation, int) else 1
 
 
 def _channels_equal(rgb: np.ndarray) -> bool:
@@ -170,18 +195,27 @@ def _channels_equal(rgb: np.ndarray) -> bool:
 def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     """Decode an image upright (EXIF orientation applied) as RGB uint8 plus alpha/metadata.
 
-    Raises MediaError for empty, truncated, corrupt or unreadable files.
+    A 16-bit PNG or TIFF also keeps its 16-bit samples (``high``). Raises MediaError for empty,
+    truncated, corrupt or unreadable files.
     """
     path = Path(path)
-    img, depth = _open_decoded(path)
-    src_mode = img.mode
     try:
-        upright, exif = _upright(img)
+        img, depth = _open_decoded(path)
+    except MediaError as err:
+        if err.reason.endswith("not a recognised image format") and is_tiff(path):
+            return _read_tiff_alone(path, err)  # e.g. 16-bit grey + alpha, which Pillow cannot read
+        raise
+    src_mode, fmt = img.mode, img.format
+    try:
+        upright, exif, orientation = _upright(img)
         rgb, alpha = _split_pixels(upright)
     except (OSError, SyntaxError, ValueError) as err:
         raise MediaError(path, _decode_reason(err)) from err
     finally:
         img.close()
+    high = _high_samples(path, fmt, orientation, rgb.shape) if depth == 16 else None
+    if high is not None:
+        rgb, alpha = eight_bit(high)
     icc = upright.info.get("icc_profile") or None
     if src_mode == "CMYK":
         icc = None  # a CMYK profile is wrong for our RGB pixels
@@ -192,7 +226,69 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
         bit_depth=depth,
         exif=exif,
         icc=icc if isinstance(icc, bytes) else None,
+        high=high,
+        notes=_read_notes(src_mode, depth, high),
     )
+
+
+def _high_samples(path: Path, fmt: str | None, orientation: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A 16-bit file's own samples, upright, or None where they cannot be had (then it is
+    written at 8 bits, and says so)."""
+    if fmt not in HIGH_FORMATS:
+        return None
+    try:
+        high = read_high_depth(path, fmt)
+    except (MediaError, OSError, ValueError, cv2.error) as err:
+        log.debug("%s: 16-bit samples unreadable, using 8 bits: %s", path, err)
+        return None
+    if high is None:
+        return None
+    high = orient(high, orientation)
+    return high if high.shape[:2] == shape[:2] else None
+
+
+def _read_tiff_alone(path: Path, unreadable: MediaError) -> LoadedImage:
+    """A TIFF Pillow cannot open, read by tifffile if it is 16-bit grey or RGB (with alpha)."""
+    high, icc, orientation = read_tiff(path)
+    if high is None:
+        raise unreadable
+    high = orient(high, orientation)
+    rgb, alpha = eight_bit(high)
+    return LoadedImage(rgb=rgb, alpha=alpha, is_grey=high.shape[2] <= 2 or _channels_equal(rgb), bit_depth=16, icc=icc, high=high)
+
+
+#: Colour models written as RGB (or grey), and how that is said.
+_MODE_NOTES = {
+    "CMYK": "CMYK written as RGB",
+    "P": "palette colours written as RGB",
+    "PA": "palette colours written as RGB",
+    "1": "1-bit black and white written as 8-bit grey",
+    "LAB": "Lab written as RGB",
+    "YCbCr": "YCbCr written as RGB",
+    "HSV": "HSV written as RGB",
+    "I": "32-bit grey written as 8-bit",
+    "F": "32-bit float grey written as 8-bit",
+}
+
+
+def _read_notes(mode: str, depth: int, high: np.ndarray | None) -> list[str]:
+    """What changes about a file's colour model or depth whenever it is written again."""
+    notes = [_MODE_NOTES[mode]] if mode in _MODE_NOTES else []
+    if depth == 16 and high is None and mode not in {"I", "F"}:
+        notes.append("16-bit written as 8-bit")
+    return notes
+
+
+def output_notes(img: LoadedImage, path: str | os.PathLike[str]) -> list[str]:
+    """How `img`, written to `path` (its format from the extension), changes colour model or
+    depth: the image's own `notes` and what that format cannot hold (16 bits, alpha)."""
+    fmt = _FORMATS.get(Path(path).suffix.lower(), "")
+    notes = list(img.notes)
+    if img.high is not None and fmt not in HIGH_FORMATS:
+        notes.append(f"16-bit written as 8-bit ({fmt} has no 16-bit)")
+    if img.alpha is not None and fmt not in _ALPHA_FORMATS:
+        notes.append(f"alpha channel dropped ({fmt} has none)")
+    return notes
 
 
 _FORMATS = {
@@ -255,12 +351,17 @@ def _save_options(img: Image.Image, like: LoadedImage | None, fmt: str, quality:
         return opts
     if like.exif and fmt in _EXIF_FORMATS:
         opts["exif"] = _exif_without_orientation(like.exif)
-    if like.icc and fmt in _ICC_FORMATS:
-        space = _icc_colour_space(like.icc)
-        wanted = "GRAY" if img.mode in {"L", "LA"} else "RGB "
-        if space == wanted:
-            opts["icc_profile"] = like.icc
+    icc = _icc_for(like, fmt, img.mode in {"L", "LA"})
+    if icc:
+        opts["icc_profile"] = icc
     return opts
+
+
+def _icc_for(like: LoadedImage | None, fmt: str, grey: bool) -> bytes | None:
+    """`like`'s ICC profile if `fmt` holds one and it is for this colour model (grey or RGB)."""
+    if like is None or not like.icc or fmt not in _ICC_FORMATS:
+        return None
+    return like.icc if _icc_colour_space(like.icc) == ("GRAY" if grey else "RGB ") else None
 
 
 def _exif_without_orientation(exif: bytes) -> bytes:
@@ -286,20 +387,41 @@ def write_image(
 
     Grey sources are written single-channel; alpha is re-attached (resized if the image was
     upscaled) for PNG/WebP/TIFF and dropped for JPEG/BMP. Format comes from the extension.
+    ``rgb`` may also be 16-bit samples as in ``LoadedImage.high`` (uint16 HxWxC, C = 1-4, alpha
+    included): PNG and TIFF are written at 16 bits, other formats get the 8-bit view.
     """
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise MediaError(path, f"unsupported image type '{path.suffix}'")
+    if rgb.dtype == np.uint16 and rgb.ndim == 3 and 1 <= rgb.shape[2] <= 4:
+        if fmt in HIGH_FORMATS:
+            return _write_high(path, rgb, like, fmt)
+        rgb = eight_bit(rgb)[0]
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
+        raise ValueError(f"expected uint8 HxWx3 RGB or uint16 HxWxC (C = 1-4), got {rgb.dtype} {rgb.shape}")
     img = _compose(np.ascontiguousarray(rgb), like, fmt)
     opts = _save_options(img, like, fmt, quality)
+    return _atomic_write(path, lambda tmp: img.save(tmp, **opts))
+
+
+def _write_high(path: Path, pixels: np.ndarray, like: LoadedImage | None, fmt: str) -> Path:
+    """16-bit samples written at 16 bits, with ``like``'s ICC profile (and EXIF, in a PNG)."""
+    icc = _icc_for(like, fmt, grey=pixels.shape[2] <= 2)
+    if fmt == "PNG":
+        exif = _exif_without_orientation(like.exif) if like is not None and like.exif else None
+        data = encode_png(np.ascontiguousarray(pixels), icc, exif)
+        return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return _atomic_write(path, lambda tmp: write_tiff(tmp, pixels, icc))
+
+
+def _atomic_write(path: Path, save: Callable[[Path], object]) -> Path:
+    """``save`` into a temp file beside ``path``, then moved into place; nothing left on failure."""
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path_for(path)
-        img.save(tmp, **opts)
+        save(tmp)
         publish(tmp, path)
         tmp = None
     except OSError as err:

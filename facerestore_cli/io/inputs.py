@@ -60,6 +60,19 @@ def _is_excluded(path: Path, exclude: Sequence[Path]) -> bool:
     return any(resolved == ex or ex in resolved.parents for ex in exclude)
 
 
+def _in_output_folder(path: Path, exclude: Sequence[Path]) -> MediaError | None:
+    """The error for an input folder that ``exclude`` (the output folder) is, or holds: its files
+    are left out, and saying "no images" would hide why."""
+    resolved = path.resolve()
+    if any(resolved == ex for ex in exclude):
+        reason = "the output folder is this input folder: restored files would overwrite or mix with the originals"
+    elif any(ex in resolved.parents for ex in exclude):
+        reason = "this input folder is inside the output folder: restored files would mix with the originals"
+    else:
+        return None
+    return MediaError(path, f"{reason}; choose another output folder")
+
+
 def _walk_folder(folder: Path, base: Path, exclude: Sequence[Path]) -> tuple[list[InputItem], int]:
     """All supported files under ``folder`` (sorted, hidden skipped) and how many were skipped."""
     items: list[InputItem] = []
@@ -95,6 +108,9 @@ def _explicit_file(path: Path) -> InputItem:
 
 
 def _expand_folder(folder: Path, exclude: Sequence[Path]) -> list[InputItem]:
+    inside = _in_output_folder(folder, exclude)
+    if inside is not None:
+        raise inside
     items, skipped = _walk_folder(folder, folder, exclude)
     if skipped:
         log.info("%s: skipped %d file(s) that are not images or videos", folder, skipped)
@@ -120,14 +136,23 @@ def _expand_glob(spec: str, exclude: Sequence[Path]) -> list[InputItem]:
         raise MediaError(spec, "no files match this pattern")
     base = _glob_base(spec)
     items: list[InputItem] = []
+    left_out = 0  # media files and folders in the output folder
     for match in matches:
         path = Path(match)
         if path.is_dir():
-            items.extend(_walk_folder(path, base, exclude)[0])
+            if _in_output_folder(path, exclude) is not None:
+                left_out += 1
+            else:
+                items.extend(_walk_folder(path, base, exclude)[0])
             continue
         kind = media_kind(path)
-        if kind is not None and path.is_file() and not _is_excluded(path, exclude):
-            items.append(InputItem(path, path.relative_to(base), kind))
+        if kind is not None and path.is_file():
+            if _is_excluded(path, exclude):
+                left_out += 1
+            else:
+                items.append(InputItem(path, path.relative_to(base), kind))
+    if not items and left_out:
+        raise MediaError(spec, "pattern matches only files in the output folder; choose another output folder")
     if not items:
         raise MediaError(spec, "pattern matches no images or videos")
     return items
@@ -157,8 +182,9 @@ def discover_inputs(specs: Sequence[str], *, exclude: Sequence[str | os.PathLike
     """Expand files, folders (recursive) and globs into a de-duplicated list of inputs.
 
     Bad specs become errors rather than exceptions so one typo doesn't stop a batch.
-    ``exclude`` lists folders to leave out (e.g. the output folder when it sits inside an
-    input folder, so a second run doesn't restore its own outputs). When two inputs would
+    ``exclude`` lists output folders to leave out (the output folder when it sits inside an
+    input folder, so a second run doesn't restore its own outputs); an input folder that is an
+    output folder, or inside one, is an error that says so. When two inputs would
     land on the same output path, later ones get ``_2``, ``_3``... appended to their name.
     """
     excluded = [Path(p).expanduser().resolve() for p in exclude]

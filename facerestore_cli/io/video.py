@@ -264,11 +264,14 @@ class VideoReader:
                 self.close()  # also runs when the consumer stops early
             errlog.seek(0)
             stderr = errlog.read().decode("utf-8", "replace")
+        cut = "partial file" in stderr  # a file cut off after its header: ffmpeg says so, yet exits 0
         if count == 0:
-            detail = f": {_ffmpeg_error_line(stderr)}" if rc != 0 else ""
+            detail = ": file is truncated" if cut else f": {_ffmpeg_error_line(stderr)}" if rc != 0 else ""
             raise MediaError(self.path, f"video has no frames{detail}")
         if rc != 0:
             raise MediaError(self.path, f"decoding stopped after {count} frames: {_ffmpeg_error_line(stderr)}")
+        if cut:
+            raise MediaError(self.path, f"file is truncated: decoding stopped after {count} of about {self.info.frame_count} frames")
 
 
 def read_video_frames(path: str | os.PathLike[str]) -> Iterator[np.ndarray]:

@@ -18,6 +18,10 @@ from facerestore_cli.errors import InputError
 
 __all__ = ["RestorerConfig", "get_config", "list_configs", "register_config"]
 
+#: A restorer folder's config file (`OneStepRestorer.save_pretrained`), the file that tells it
+#: from a Stable Diffusion 2.1 folder.
+CONFIG_FILE = "restorer_config.json"
+
 #: Fixed timestep of the one UNet step (OSEDiff uses 999: the input latent is treated as pure noise level).
 DEFAULT_TIMESTEP = 999
 

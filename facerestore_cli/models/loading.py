@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from facerestore_cli.errors import InputError, MissingFileError
+from facerestore_cli.errors import InputError
+from facerestore_cli.models.configs import CONFIG_FILE
 from facerestore_cli.models.diffbir import DEFAULT_PRESET, DiffBIRRestorer
+from facerestore_cli.models.locate import is_sd21, locate_model
 from facerestore_cli.models.model_file import ModelFile, resolve_model_value, store_dir
-from facerestore_cli.models.published import not_installed_hint
-from facerestore_cli.models.restorer import CONFIG_FILE, OneStepRestorer
+from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.models.upstream import load_osediff, load_osediff_checkpoint, load_sd21_restorer
 from facerestore_cli.paths import DEFAULT_RESTORER
 
@@ -33,11 +34,8 @@ def load_model_folder(
     """A restorer folder, or Stable Diffusion 2.1-base (a diffusers folder with vae/ + unet/ and
     no restorer config, or the ldm single file) made into the one-step restorer of its parts."""
     root = Path(directory)
-    sd_folder = root.is_dir() and not (root / CONFIG_FILE).is_file() and (root / "unet").is_dir() and (root / "vae").is_dir()
-    if root.is_file() or sd_folder:
+    if is_sd21(root):
         return load_sd21_restorer(root, cache_dir=prompt_cache_dir(), device=device, dtype=torch_dtype)
-    if root.is_dir() and not (root / CONFIG_FILE).is_file():
-        raise MissingFileError(f"{root} is not a restorer folder (no {CONFIG_FILE}, no vae/ + unet/)")
     return OneStepRestorer.from_pretrained(root, torch_dtype=torch_dtype, device=device)
 
 
@@ -56,16 +54,12 @@ def load_restorer(
     model (model file or store name). `sampling` (steps, sampler, eta, seed) overrides a
     multi-step model's preset; a one-step model refuses it.
     """
-    spec = resolve_model_value(model) if model else None
-    if spec is not None:
-        return _load_published(spec, lora, osediff, device, dtype, dict(sampling or {}))
+    found = locate_model(model)
+    if isinstance(found, ModelFile):
+        return _load_published(found, lora, osediff, device, dtype, dict(sampling or {}))
     if sampling:
-        raise InputError(
-            f"--{next(iter(sampling))} is for multi-step models (a diffbir-v1 model file); {model or DEFAULT_MODEL} restores in one step"
-        )
-    if model and not Path(model).exists() and (hint := not_installed_hint(str(model))):
-        raise MissingFileError(hint)
-    restorer = load_model_folder(Path(model) if model else DEFAULT_MODEL, torch_dtype=torch.float32)
+        raise InputError(f"--{next(iter(sampling))} is for multi-step models (a diffbir-v1 model file); {found} restores in one step")
+    restorer = load_model_folder(found, torch_dtype=torch.float32)
     if osediff:
         load_osediff_checkpoint(restorer, osediff)
         restorer.merge_lora()

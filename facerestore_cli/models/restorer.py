@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from facerestore_cli.errors import InputError, MissingFileError
-from facerestore_cli.models.configs import RestorerConfig, get_config
+from facerestore_cli.models.configs import CONFIG_FILE, RestorerConfig, get_config
 from facerestore_cli.models.lora import (
     LORA_FORMAT,
     LORA_META_KEY,
@@ -58,7 +58,6 @@ __all__ = [
     "vae_encoder_lora_targets",
 ]
 
-CONFIG_FILE = "restorer_config.json"
 PROMPT_FILE = "prompt_embeds.safetensors"
 SKIP_FILE = "skip_fusion.safetensors"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

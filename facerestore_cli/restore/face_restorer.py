@@ -205,15 +205,10 @@ def load_restore_model(
     mean the same with every backend; without --engine one is made once and cached.
     """
     dtype = resolve_dtype(choice.precision, device)
+    choice.check_options()
     if choice.backend == "torch":
-        if choice.engine_file is not None:
-            raise InputError("--engine needs --backend onnx or tensorrt")
         restorer = load_restorer(choice.model, choice.lora, device, dtype, choice.osediff, choice.sampling)
         return fast_torch_model(restorer, choice.compile, warn)
-    if choice.sampling:
-        raise InputError(f"--{next(iter(choice.sampling))} is for multi-step models, which run with --backend torch")
-    if choice.compile:
-        raise InputError(f"--compile is for --backend torch; --backend {choice.backend} is compiled already")
     from facerestore_cli.export.backends import load_backend
     from facerestore_cli.export.source import ModelSource
 

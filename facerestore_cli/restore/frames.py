@@ -16,7 +16,7 @@ tensor path on CUDA and the numpy one elsewhere, where OpenCV is the faster of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -32,10 +32,9 @@ from facerestore_cli.faces.tensor_align import (
 )
 from facerestore_cli.io.images import resize_image, scaled_size
 from facerestore_cli.models.inference import by_size
+from facerestore_cli.restore.options import FRAME_PATHS
 
 T = TypeVar("T")
-
-FRAME_PATHS = ("auto", "tensor", "numpy")
 
 
 def resolve_frame_path(choice: str, device: torch.device) -> str:
@@ -50,13 +49,16 @@ def resolve_frame_path(choice: str, device: torch.device) -> str:
 @dataclass
 class FrameResult:
     """One restored frame: how many faces were found and restored, and (when asked for, for
-    --save-faces) the aligned inputs and their restorations."""
+    --save-faces and 16-bit photos) the aligned inputs and their restorations, pasted back with
+    `affines` (image -> crop, at the input's scale; `faces.align.paste_faces_high` pastes them
+    onto a photo's 16-bit samples)."""
 
     image: np.ndarray
     crops: list[np.ndarray]
     restored: list[np.ndarray]
     found: int
     count: int  # faces restored (crops/restored may be left empty: see keep_faces)
+    affines: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def restore_frames_numpy(
         faces = [next(restored) for _ in frame_crops]
         background = frame if upscale == 1 else resize_image(frame, scale=upscale)
         image = paste_faces(background, faces, [scale_affine(m, upscale) for m in a.affines]) if faces else background
-        results.append(FrameResult(image, frame_crops, faces, a.found, len(faces)))
+        results.append(FrameResult(image, frame_crops, faces, a.found, len(faces), a.affines))
     return results
 
 
@@ -116,7 +118,7 @@ def restore_frames_tensor(
     else:
         crops_out = restored_out = [[] for _ in counts]
     return [
-        FrameResult(frame if f is None else next(done), c, r, a.found, n)
+        FrameResult(frame if f is None else next(done), c, r, a.found, n, a.affines)
         for frame, f, c, r, a, n in zip(frames, finished, crops_out, restored_out, aligned, counts)
     ]
 

@@ -2,7 +2,8 @@
 
 Settings travel as keyword-only dataclasses, one per concern: which model runs and how
 (`ModelChoice`), how faces are found (`DetectionSettings`), how found faces are restored
-(`FaceSettings`) and what is written (`RestoreOptions`).
+(`FaceSettings`) and what is written (`RestoreOptions`). `check_before_loading` is what can be
+told of a run before the model stack is imported: options, then paths, then the device.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facerestore_cli.devices import check_device
 from facerestore_cli.errors import InputError
 from facerestore_cli.faces.tracking import DEFAULT_DETECT_EVERY
-from facerestore_cli.models.color import AUTO_COLOR_FIX
+from facerestore_cli.models.color_spec import AUTO_COLOR_FIX
+from facerestore_cli.models.locate import locate_model
+
+#: `--frame-path`: where whole frames are warped, restored and pasted back (frames.py).
+FRAME_PATHS = ("auto", "tensor", "numpy")
 
 
 def _auto_or_int(value: str | int, minimum: int, what: str) -> str | int:
@@ -52,6 +58,28 @@ class ModelChoice:
     compile: bool = False
     #: --steps, --sampler, --eta, --seed given for a multi-step model (the rest: its paper's).
     sampling: Mapping[str, Any] = field(default_factory=dict)
+
+    def check_options(self) -> None:
+        """The options that do not go together whatever the model is: an InputError saying why."""
+        if self.backend == "torch":
+            if self.engine_file is not None:
+                raise InputError("--engine needs --backend onnx or tensorrt")
+            return
+        if self.sampling:
+            raise InputError(f"--{next(iter(self.sampling))} is for multi-step models, which run with --backend torch")
+        if self.compile:
+            raise InputError(f"--compile is for --backend torch; --backend {self.backend} is compiled already")
+
+
+def check_before_loading(choice: ModelChoice, device: str) -> None:
+    """What can be told of a run before any model loads, in this order: the options
+    (`ModelChoice.check_options`), the paths (the files `--model` names, `locate_model`), then
+    the device (`check_device`, the only step that may import torch: for a CUDA device, or fp16
+    with auto). The first problem is a FacerestoreError; the rest (a model file's contents, the
+    detector) shows when the model is loaded, for the first file that needs it."""
+    choice.check_options()
+    locate_model(choice.model)
+    check_device(device, choice.precision)
 
 
 @dataclass(frozen=True, kw_only=True)

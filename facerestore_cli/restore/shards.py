@@ -5,17 +5,19 @@ and the summaries are gathered so rank 0 reports the whole run (and every rank e
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from facerestore_cli.errors import FacerestoreError, InputError
 from facerestore_cli.io.inputs import (
     InputItem,
 )
 from facerestore_cli.restore.report import Summary
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Shard:
 
     def device(self, device: torch.device) -> torch.device:
         """CUDA without an index means this process's own GPU, cuda:LOCAL_RANK."""
+        import torch
+
         if self.distributed and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -62,9 +66,11 @@ def join_shards(shard: Shard) -> None:
 
     The timeout is long because ranks finish their shards at different times (a long video).
     """
+    if not shard.distributed:
+        return  # a single process imports no torch for it
     import torch.distributed as dist
 
-    if shard.distributed and not dist.is_initialized():
+    if not dist.is_initialized():
         try:
             dist.init_process_group("gloo", timeout=timedelta(days=7))
         except (RuntimeError, ValueError) as err:  # DistNetworkError and friends: one line, not a traceback
@@ -73,10 +79,10 @@ def join_shards(shard: Shard) -> None:
 
 
 def leave_shards() -> None:
-    """Tear the process group down cleanly (torch warns at exit otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    """Tear the process group down cleanly (torch warns at exit otherwise). A process that never
+    imported torch.distributed has none, and does not import torch to find that out."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -88,9 +94,20 @@ def merge_summaries(parts: Sequence[Summary]) -> Summary:
         for name in counts:
             setattr(total, name, getattr(total, name) + getattr(part, name))
         total.failures += part.failures
+        total.notes += part.notes
+        total.without_faces += part.without_faces
         total.seconds = max(total.seconds, part.seconds)
+        total.interrupted |= part.interrupted
     total.failures = list(dict.fromkeys(total.failures))  # e.g. an unwritable OUTPUT, seen by every rank
     return total
+
+
+def wait_for_all(shard: Shard) -> None:
+    """Every rank waits here until all have come (e.g. until rank 0 has emptied the report file)."""
+    if shard.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def gather_summary(summary: Summary, shard: Shard) -> Summary:

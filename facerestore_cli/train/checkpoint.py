@@ -55,17 +55,24 @@ def save_checkpoint(
     torch.save(state, tmp / "training_state.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step, "time": time.time()}))
     old = final.with_name(CHECKPOINT + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
+    # else: a save killed between these two renames left the last good checkpoint in `old` alone
+    # (the run resumed from it); it goes only once the new one is in place
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    path = Path(run_dir) / CHECKPOINT
-    return path if (path / "training_state.pt").is_file() else None
+    """The run's checkpoint; when a save was killed between its two renames (the checkpoint moved
+    aside to `checkpoint.old`, the new one not yet moved in), that previous one."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = Path(run_dir) / name
+        if (path / "training_state.pt").is_file():
+            return path
+    return None
 
 
 def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:

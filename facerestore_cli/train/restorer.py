@@ -310,12 +310,15 @@ class RestorerMethod(TrainingMethod):
         if self.fake is not None:
             self.fake, self.fake_opt = acc.prepare(self.fake, self.fake_opt)
         self.fake_x0 = acc.unwrap_model(self.fake).x0 if self.fake is not None else None
-        self.degrader = Degrader(cfg.degradation, seed=cfg.seed + step + 1000 * acc.process_index, device=acc.device)
+        self.degrader = Degrader(cfg.degradation, device=acc.device)  # seeded per step (train_step)
         self.batches = infinite(loader)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
         hq = next(self.batches).to(acc.device)
+        # each step's degradations from its own seed (as lrpo draws its samples), so a resumed run
+        # degrades step N's batch as the uninterrupted run did
+        self.degrader.gen.manual_seed(cfg.seed * 100003 + step * 7919 + 1000 * acc.process_index)
         lq = self.degrader(hq)[0] if cfg.stage == "restorer" else hq
         with autocast(acc.device, cfg.precision):
             losses = self.objective(lq * 2 - 1, hq * 2 - 1, self.fake_x0, cfg.vsd_t_range)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -120,9 +122,11 @@ def degraded_pair(
     hq: torch.Tensor, face_size: int, degradation: DegradationConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(HQ, LQ) at face_size in [0, 1]: the restorer's training degradation (DegradationConfig),
-    its 512-px parameters scaled to face_size."""
+    its 512-px parameters scaled to face_size. The degradation runs where `gen` draws (the CPU: its
+    parameters, kernels and noise come from it; JPEG is a CPU codec), then LQ joins HQ's device."""
     hq = resize_for_model(hq, face_size)
-    return hq, degrade_at(hq, sample_params(degradation, hq.shape[0], gen), degradation.blur_kernel_size, gen)
+    params = sample_params(degradation, hq.shape[0], gen)
+    return hq, degrade_at(hq.to(gen.device), params, degradation.blur_kernel_size, gen).to(hq.device)
 
 
 def autocast(device: torch.device, precision: str):
@@ -266,6 +270,13 @@ class TrainingMethod:
             group["lr"] = self.lr_at(step)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global generators, so a run's `seed` makes the run."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def run_training(
     method: TrainingMethod,
     run_dir: Path,
@@ -283,7 +294,9 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = method.acc = accelerator(device)
     method.run_dir = run_dir
-    torch.manual_seed(cfg.seed + acc.process_index)
+    # every generator a step draws from without its own seed: torch's, and Python's and numpy's
+    # (random crops and flips when the data loads in this process); a resume restores all three
+    seed_everything(cfg.seed + acc.process_index)
     ckpt = find_checkpoint(run_dir) if resume else None
     method.build(ckpt)
     step = 0
@@ -319,8 +332,16 @@ def _loop(method: TrainingMethod, run_dir: Path, step: int, max_minutes: float |
     if finished and main:
         method.finish(run_dir)
     acc.wait_for_everyone()
-    rate = {method.rate_key: round(seen / max(elapsed, 1e-9), 3)}
+    rate = {method.rate_key: round(seen / max(elapsed, 1e-9), 3)} | peak_device_memory(acc.device)
     return RunResult(finished, step, step - start_step, round(elapsed, 1), terms, rate | method.results())
+
+
+def peak_device_memory(device: torch.device) -> dict[str, float]:
+    """The CUDA allocator's peak of this process (GiB), for the summary: what the printed estimate
+    is checked against. Nothing on the CPU, where resident memory is the OS's to measure."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
 
 
 def _out_of_time(acc, budget: TimeBudget) -> bool:
