@@ -255,7 +255,7 @@ def test_an_epochs_rounds_share_one_std_and_each_is_trained(assets, tmp_path: Pa
     method.build(None)
     method.start(0)
     drawn = iter([torch.tensor([[0.0, 1.0], [5.0, 5.0]]), torch.tensor([[2.0, 4.0], [1.0, 3.0]])])
-    method.sample_round = lambda: (r := next(drawn), [], [], None, {"total": r.flatten()})
+    method.sample_round = lambda step, index: (r := next(drawn), [], [], None, {"total": r.flatten()})
     seen: list[torch.Tensor] = []
     method.policy_updates = lambda path, adv, keep, gt, ctx: seen.append(adv) or {"policy": [0.5]}
     terms, samples = method.train_step(0)
@@ -264,6 +264,30 @@ def test_an_epochs_rounds_share_one_std_and_each_is_trained(assets, tmp_path: Pa
     assert torch.allclose(seen[0], torch.tensor([-0.5, 0.5, 0.0, 0.0]) / (epoch_std + 1e-4))
     assert torch.allclose(seen[1], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (epoch_std + 1e-4))
     assert terms["kept_fraction"] == 6 / 8 and terms["reward_total"] == 2.625
+
+
+def test_ablations_train_on_the_same_degraded_faces(assets, tmp_path: Path) -> None:
+    """The degradations have their own generator per (step, round): without the GT likelihood
+    (which draws the GT's trajectory noise) round 2 still gets the LQ faces the full method gets."""
+    from facerestore_cli.train.runner import accelerator, seed_everything
+
+    seen: dict[float, list[torch.Tensor]] = {}
+    for weight in (1e-3, 0.0):
+        seed_everything(0)  # as run_training does: the same faces in the same order
+        method = LrpoMethod(tiny_config(assets, rounds_per_epoch=2, likelihood_weight=weight))
+        method.acc, method.run_dir = accelerator("cpu"), tmp_path / str(weight)
+        method.run_dir.mkdir()
+        method.build(None)
+        method.start(0)
+        keep, original = seen.setdefault(weight, []), method.sample
+
+        def spy(lq, hq, captions, keep=keep, original=original):
+            keep.append(lq)
+            return original(lq, hq, captions)
+
+        method.sample = spy
+        method.train_step(0)
+    assert len(seen[1e-3]) == 2 and all(torch.equal(a, b) for a, b in zip(seen[1e-3], seen[0.0]))
 
 
 # ---------------------------------------------------------------- the composite reward

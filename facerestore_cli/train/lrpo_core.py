@@ -280,7 +280,7 @@ class GroupPolicyMethod(TrainingMethod):
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
-        rounds = [self.sample_round() for _ in range(cfg.rounds_per_epoch)]
+        rounds = [self.sample_round(step, i) for i in range(cfg.rounds_per_epoch)]
         rewards = torch.stack([r[0] for r in rounds])  # (rounds, faces, group)
         epoch_std = acc.gather(rewards).std(unbiased=False)
         self.set_lr(step)
@@ -305,12 +305,16 @@ class GroupPolicyMethod(TrainingMethod):
             self.window.setdefault(k, []).append(v)
         return terms, rewards.numel()
 
-    def sample_round(self) -> tuple[torch.Tensor, list[Transition], list, Any, dict]:
+    def sample_round(self, step: int, index: int) -> tuple[torch.Tensor, list[Transition], list, Any, dict]:
         """Degrade the next batch and sample it: ((faces, group) rewards, transitions, the GT's
-        trajectory, the subclass's context, each reward component's scores)."""
+        trajectory, the subclass's context, each reward component's scores). The degradations
+        come from their own generator, seeded by (seed, step, round, process): an ablation that
+        draws less noise while sampling (no GT trajectory) still trains on the same LQ faces, and
+        a resumed run degrades as the uninterrupted one did."""
         cfg, acc = self.cfg, self.acc
         faces, captions = with_captions(next(self.batches))
-        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
+        seed = ((cfg.seed * 100003 + step) * 1009 + index) * 1013 + acc.process_index
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, torch.Generator().manual_seed(seed))
         scores, path, ground_truth, context = self.sample(lq, hq, captions)
         rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
         return rewards, path, ground_truth, context, scores
