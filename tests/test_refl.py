@@ -189,7 +189,11 @@ def test_bad_config_is_a_one_line_error(assets, tmp_path: Path) -> None:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REFL_CONFIGS = [*sorted(CONFIGS.glob("refl*.toml")), *sorted(CONFIGS.glob("experiments/refl*.toml")), *sorted(CONFIGS.glob("paper/refl*.toml"))]
+REFL_CONFIGS = [
+    *sorted(CONFIGS.glob("refl*.toml")),
+    *sorted(CONFIGS.glob("experiments/refl*.toml")),
+    *sorted(CONFIGS.glob("paper/refl*.toml")),
+]
 
 
 def test_every_refl_config_is_tested() -> None:
