@@ -227,13 +227,18 @@ def _create_scorers(
 
 
 def _model_labels(models: Sequence[Path]) -> list[str]:
-    labels = []
-    for m in models:
-        label = Path(m).name or str(m)
-        if label in labels or label in BASELINES or label == GROUND_TRUTH:
-            label = str(m)
-        labels.append(label)
-    return labels
+    """Each model's table row: its folder's name, with as many parent folders as it takes to tell
+    apart models of the same name (runs/a/final and runs/b/final: a/final, b/final); the whole
+    path where that is not enough, or the name is a baseline's."""
+    parts = [Path(m).parts or (str(m),) for m in models]
+    depth = [1] * len(models)
+    for _ in range(max((len(p) for p in parts), default=1)):
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = {label for label in labels if labels.count(label) > 1}
+        if not clash:
+            break
+        depth = [d + (label in clash) for d, label in zip(depth, labels)]
+    return [str(m) if label in BASELINES or label == GROUND_TRUTH or labels.count(label) > 1 else label for m, label in zip(models, labels)]
 
 
 def load_restorers(

@@ -271,3 +271,12 @@ def test_cli_eval_several_lq_folders_against_input(real_like, tmp_path):
     assert data["images"] == 4 and set(data["table"]["bicubic_unsharp"]) == {"identity_dist@input"}
     res = CliRunner().invoke(main, ["eval", "--lq", str(real_like[0]), "--lq", str(tmp_path / "missing"), "--baselines-only"])
     assert res.exit_code == 2 and "missing: not a folder" in res.output
+
+
+def test_models_of_the_same_folder_name_get_rows_a_reader_can_tell_apart() -> None:
+    """Training runs all end in RUN/final: each row names its run, not just the first one."""
+    from facerestore_cli.evaluate import _model_labels
+
+    runs = [Path("weights/restorer-tiny"), Path("/runs/refl_paper/final"), Path("/runs/lrpo/final"), Path("a/x/final"), Path("b/x/final")]
+    assert _model_labels(runs) == ["restorer-tiny", "refl_paper/final", "lrpo/final", "a/x/final", "b/x/final"]
+    assert _model_labels([Path("runs/input")]) == ["runs/input"], "never the name of a baseline row"
