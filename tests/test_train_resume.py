@@ -130,3 +130,67 @@ def test_a_save_killed_between_its_renames_resumes_from_the_checkpoint_before(
     assert resumed.finished and resumed.step == STEPS and resumed.steps_this_run == 2, "must resume from the step-2 checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
     assert_same_run(saved_state(tmp_path / "checkpoint"), straight, start_weights(assets))
+
+
+# ------------------------------------------------------------------ refl and lrpo
+def tuning_config(kind: str, assets: dict[str, Path]):
+    """4 steps of 3 of the 6 crops (an epoch is 2 steps), checkpoints every 2, tiny LoRA: the
+    dynamic FRM steps at 2 and 4 (refl); 2 rounds an epoch with the GT likelihood (lrpo)."""
+    from facerestore_cli.train.lrpo import LrpoConfig
+    from facerestore_cli.train.refl import ReflConfig
+
+    raw = {
+        "data": [str(assets["data"])],
+        "model": str(assets["base"]),
+        "frm": str(assets["frm"]),
+        "lora_rank": 2,
+        "steps": STEPS,
+        "batch_size": 3,
+        "face_size": 64,
+        "lr": 1e-3,
+        "wavelet_levels": 2,
+        "num_workers": 0,
+        "log_every": 1,
+        "checkpoint_every": 2,
+    }
+    if kind == "refl":
+        return ReflConfig.from_dict(raw | {"frm_update_every": 2, "frm_lr": 1e-3, "frm_warmup_steps": 1, "warmup_steps": 1})
+    extra = {"group_size": 2, "sampling_steps": 2, "rounds_per_epoch": 1, "fidelity_metric": "encoder", "quality_metric": "frm"}
+    return LrpoConfig.from_dict(raw | extra | {"allow_missing_rewards": True})
+
+
+def tuning_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The LoRA a checkpoint holds and its optimizer's moments."""
+    tensors = {f"lora.{k}": v for k, v in load_file(str(ckpt / "model" / "lora.safetensors")).items()}
+    opt = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    for i, s in opt.items():
+        tensors.update({f"opt.{i}.{name}": torch.as_tensor(v) for name, v in s.items()})
+    return tensors
+
+
+@pytest.mark.parametrize("kind", ["refl", "lrpo"])
+def test_refl_and_lrpo_killed_and_resumed_end_as_straight_runs(kind: str, tmp_path: Path) -> None:
+    """Each step draws from generators seeded by (seed, step, process), and the checkpoint brings
+    back the weights, optimizers (the dynamic FRM's too) and the data order: a kill after step 3
+    and a resume from step 2 end where 4 straight steps do."""
+    from fakes import fine_tuning_assets
+
+    from facerestore_cli.train.lrpo import train_lrpo
+    from facerestore_cli.train.refl import train_refl
+
+    train = train_refl if kind == "refl" else train_lrpo
+    assets = fine_tuning_assets(tmp_path / "assets")
+    train(tuning_config(kind, assets), tmp_path / "straight")
+
+    def kill_in_step_3(step: int, terms: dict[str, float]) -> None:
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tuning_config(kind, assets), tmp_path / "killed", on_step=kill_in_step_3)
+    resumed = train(tuning_config(kind, assets), tmp_path / "killed")
+    assert resumed.finished and resumed.steps_this_run == 2, "must resume from step 2"
+    want, got = tuning_state(tmp_path / "straight" / "checkpoint"), tuning_state(tmp_path / "killed" / "checkpoint")
+    assert set(got) == set(want) and max(float(v.abs().max()) for k, v in want.items() if k.startswith("lora.") and "lora_B" in k) > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

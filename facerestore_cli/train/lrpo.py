@@ -163,7 +163,6 @@ class LrpoMethod(GroupPolicyMethod):
         self.captions = frm_captions(cfg, self.reward)
         loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.objective, self.opt, loader = acc.prepare(LrpoObjective(self.model, cfg), self.opt, loader)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
     def sample(self, lq: torch.Tensor, hq: torch.Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:

@@ -217,7 +217,6 @@ class ControlNetLrpoMethod(GroupPolicyMethod):
         self.captions = frm_captions(cfg, self.reward)
         loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.opt, loader = acc.prepare(self.opt, loader)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step * 7919 + acc.process_index)
         self.batches = infinite(loader)
 
     def sample(self, lq: Tensor, hq: Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:

@@ -18,7 +18,7 @@ from facerestore_cli.models.sampler import CLEAN, LatentDenoiser, Transition, dd
 from facerestore_cli.rewards.composite import CompositeReward, RewardSources, RewardWeights
 from facerestore_cli.rewards.frm import load_frm
 from facerestore_cli.train.controlnet import OPTIMIZERS
-from facerestore_cli.train.runner import LoraTuningConfig, TrainingMethod, degraded_pair, update
+from facerestore_cli.train.runner import LoraTuningConfig, TrainingMethod, degraded_pair, step_generator, update
 
 #: the paper's advantage normaliser: the std over the epoch's samples plus this.
 ADVANTAGE_EPS = 1e-4
@@ -280,6 +280,7 @@ class GroupPolicyMethod(TrainingMethod):
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
+        self.gen = step_generator(cfg.seed, step, acc.process_index)  # sampling noise; a resumed run draws as the straight one
         rounds = [self.sample_round(step, i) for i in range(cfg.rounds_per_epoch)]
         rewards = torch.stack([r[0] for r in rounds])  # (rounds, faces, group)
         epoch_std = acc.gather(rewards).std(unbiased=False)
@@ -313,8 +314,8 @@ class GroupPolicyMethod(TrainingMethod):
         a resumed run degrades as the uninterrupted one did."""
         cfg, acc = self.cfg, self.acc
         faces, captions = with_captions(next(self.batches))
-        seed = ((cfg.seed * 100003 + step) * 1009 + index) * 1013 + acc.process_index
-        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, torch.Generator().manual_seed(seed))
+        degradations = step_generator(cfg.seed, step, acc.process_index, part=1 + index)
+        hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, degradations)
         scores, path, ground_truth, context = self.sample(lq, hq, captions)
         rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)
         return rewards, path, ground_truth, context, scores

@@ -79,6 +79,7 @@ from facerestore_cli.train.runner import (
     infinite,
     run_training,
     save_model,
+    step_generator,
     update,
     whole_face_loader,
 )
@@ -325,13 +326,13 @@ class ReflMethod(TrainingMethod):
         loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
         self.setup["captions"] = self.captions.describe() if self.frm.uses_captions else "unused (this FRM reads no captions)"
         self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + step + 1000 + 7919 * acc.process_index)
         self.batches = infinite(loader)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
         faces, captions = next(self.batches)
         captions = list(captions) if self.frm.uses_captions else None
+        self.gen = step_generator(cfg.seed, step, acc.process_index)  # a resumed run draws as the straight one
         hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, self.gen)
         self.set_lr(step)
         with autocast(acc.device, self.precision):
