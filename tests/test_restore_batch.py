@@ -21,6 +21,7 @@ from PIL import Image
 
 from facerestore_cli.cli import main
 from facerestore_cli.commands.restore import named
+from facerestore_cli.io.files import temp_path_for
 from facerestore_cli.io.inputs import discover_inputs
 from facerestore_cli.restore.face_restorer import FaceRestorer
 from facerestore_cli.restore.loop import run_restore
@@ -128,6 +129,35 @@ def test_report_has_a_line_per_input_written_as_it_finishes(tmp_path: Path) -> N
     assert summary.files == 4 and summary.skipped == 1 and len(summary.failures) == 2
     assert summary.without_faces == [str(src / "b_wall.png")] and summary.files_without_faces == 1
     assert not summary.interrupted and summary.left == 0
+
+
+def orphan_temp_for(path: Path) -> Path:
+    """A temp file as a killed run leaves it: made by a process that is gone by now."""
+    code = (
+        "import sys; from pathlib import Path; from facerestore_cli.io.files import temp_path_for; print(temp_path_for(Path(sys.argv[1])))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip())
+
+
+def test_temp_files_of_killed_runs_are_removed_and_live_or_foreign_ones_kept(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_png(src / "a.png", face_like(128, 0))
+    (out / "faces").mkdir(parents=True)
+    orphans = [orphan_temp_for(out / "b.png"), orphan_temp_for(out / "faces" / "clip.mp4")]
+    live = temp_path_for(out / "c.png")  # this process is writing it
+    host, dead_pid = orphans[0].name.split("frtmp-")[1].split("-")[:2]
+    other_host = "00000000" if host != "00000000" else "11111111"  # a run on another machine sharing the folder
+    foreign = [out / ".DS_Store", out / ".a.tmp.png", out / f".x.frtmp-{other_host}-{dead_pid}-ab.tmp.png"]
+    for path in foreign:
+        path.write_bytes(b"user's")
+    assert all(p.exists() for p in orphans)
+
+    summary = run_restore([str(src)], fake_engine(), RestoreOptions(out))
+
+    assert summary.temps_removed == 2 and not any(p.exists() for p in orphans)
+    assert live.exists() and all(p.read_bytes() == b"user's" for p in foreign)
+    assert (out / "a.png").exists()
 
 
 # ------------------------------------------------------------------ stopping, in process
@@ -255,11 +285,14 @@ def test_a_kill_leaves_no_partial_output_and_skip_existing_completes(tmp_path: P
     assert sorted(i.path for i in discover_inputs([str(out)])[0]) == finals, "temp files are never taken for inputs"
 
     report = tmp_path / "report.jsonl"
+    killed_temps = hidden_temps(out)
     cmd, proc = start_restore(tmp_path / "in", out, "--skip-existing", "--report", str(report))
-    _, err = proc.communicate(timeout=600)
+    out_text, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
     for path in inputs:
         assert_complete_image(out / path.name, (256, 256))
+    assert hidden_temps(out) == [], "the rerun removes what the kill left"
+    assert bool(killed_temps) == ("temp files of killed runs removed" in out_text)
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == [p.name for p in inputs]
     statuses = {Path(r["path"]).name: r["status"] for r in rows}

@@ -101,6 +101,8 @@ def print_summary(summary) -> None:
     }
     if summary.interrupted:
         rows["left (interrupted)"] = summary.left
+    if summary.temps_removed:
+        rows["temp files of killed runs removed"] = summary.temps_removed
     print_run_summary("facerestore summary", rows)
 
 

@@ -1,13 +1,20 @@
 """Atomic output files, and the error every file problem is reported as.
 
 Outputs are written to a temp file in the destination folder, then `os.replace`d, so an
-interrupted run never leaves a half-written file under a final name.
+interrupted run never leaves a half-written file under a final name. A kill (SIGKILL, a power
+cut) can still leave the hidden temp file itself; its name carries the host and process that wrote
+it, so the next run into the folder can tell it is orphaned and remove it
+(`remove_orphaned_temps`) without touching the temp files of a run still going, here or on
+another host sharing the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import suppress
 from functools import lru_cache
@@ -36,11 +43,51 @@ def _umask() -> int:
     return mask
 
 
+@lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """8 hex digits naming this host: a pid says nothing about a process on another machine."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+#: `.{stem}.frtmp-{host}-{pid}-{random}.tmp{suffix}`, as `temp_path_for` names its files.
+_TEMP_NAME = re.compile(r"^\..*\.frtmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^.]*\.tmp(\.[^.]*)?$")
+
+
 def temp_path_for(path: Path) -> Path:
-    """A fresh hidden temp file next to ``path`` (same filesystem, so os.replace is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    """A fresh hidden temp file next to ``path`` (same filesystem, so os.replace is atomic), named
+    after the host and process writing it (module doc)."""
+    prefix = f".{path.stem}.frtmp-{_host_tag()}-{os.getpid()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _orphaned(name: str) -> bool:
+    """A temp file of ours whose writer, on this host, is gone."""
+    found = _TEMP_NAME.match(name)
+    return bool(found) and found["host"] == _host_tag() and not _process_alive(int(found["pid"]))
+
+
+def remove_orphaned_temps(folder: Path) -> int:
+    """Delete, under ``folder``, the temp files that killed runs on this host left; how many."""
+    removed = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and _orphaned(name):
+                with suppress(FileNotFoundError):  # another rank removed it first
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from facerestore_cli.faces.align import paste_faces_high
 from facerestore_cli.faces.tracking import FaceTracker
-from facerestore_cli.io.files import MediaError, copy_file
+from facerestore_cli.io.files import MediaError, copy_file, remove_orphaned_temps
 from facerestore_cli.io.high_depth import widen
 from facerestore_cli.io.images import LoadedImage, output_notes, read_image, resize_image, write_image
 from facerestore_cli.io.inputs import (
@@ -287,6 +287,8 @@ def run_restore(
     except MediaError as err:
         _fail(summary, reporter, str(err))
         return summary
+    if shard.rank == 0:
+        summary.temps_removed = remove_orphaned_temps(opts.outdir)
     reporter.start(len(items))
     try:
         _restore_items(items, face_restorer, opts, summary, reporter, stop)

@@ -49,6 +49,7 @@ class Summary:
     faces_restored: int = 0
     skipped: int = 0
     left: int = 0  # inputs not finished because the run was interrupted
+    temps_removed: int = 0  # hidden temp files that killed runs left in the output folder
     without_faces: list[str] = field(default_factory=list)  # inputs in which no face was found
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # "PATH: CMYK written as RGB": outputs whose colour model or depth changed
