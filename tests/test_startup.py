@@ -112,12 +112,19 @@ def test_skipped_and_failed_files_never_load_the_model(tmp_path: Path, monkeypat
     src, out = done_before(tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 64)
-    inputs = [str(src), str(tmp_path / "missing.jpg"), str(tmp_path / "notes.txt"), str(tmp_path / "broken.mp4")]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # read before the model (batch size auto)
+    inputs = [
+        str(src),
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "broken.mp4"),
+        str(tmp_path / "broken.png"),
+    ]
     result = CliRunner().invoke(main, ["restore", *inputs, "-o", str(out), "--skip-existing", "--device", "cpu"])
     assert result.exit_code == 1, result.output
-    for name in ("missing.jpg", "notes.txt", "broken.mp4"):
+    for name in ("missing.jpg", "notes.txt", "broken.mp4", "broken.png"):
         assert any(name in line and "error" in line for line in result.output.splitlines()), result.output
-    assert row(result.output, "skipped (existing)") == "3" and row(result.output, "failures") == "3"
+    assert row(result.output, "skipped (existing)") == "3" and row(result.output, "failures") == "4"
 
 
 def test_cuda_without_a_gpu_is_one_line(tmp_path: Path) -> None:
@@ -157,7 +164,8 @@ def test_the_lazy_face_restorer_builds_once_and_only_when_asked() -> None:
     assert lazy.batch_size == 2 and not built and not lazy.built, "a given --batch-size needs no model"
     assert lazy.detector == "the detector" and lazy.batch_size == 4 and lazy.detector and built == [1]
     auto = LazyFaceRestorer(build)
-    assert auto.batch_size == 4 and built == [1, 1], "--batch-size auto is the model's"
+    assert auto.batch_size == 1 and built == [1], "auto: the first photo alone, before the model is built"
+    assert auto.detector and auto.batch_size == 4 and built == [1, 1], "then the model's"
 
 
 def test_a_failed_build_stops_the_run_not_one_file() -> None:

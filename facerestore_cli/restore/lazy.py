@@ -4,9 +4,7 @@
 and detector (`build_face_restorer`, which imports torch) wait until a file is to be restored, so
 a run in which every input is skipped (`--skip-existing` with nothing left to do) or fails before
 it is restored (missing, not a photo or video, an unreadable video) neither loads nor imports
-them. One limit: with `--batch-size auto` (which depends on the model) the first photo queued
-to be restored loads them before it is read, so a photo that then proves unreadable has loaded
-them; with `--batch-size N` only a photo that was read does.
+them, nor does a photo that proves unreadable (photos are read before they are restored).
 """
 
 from __future__ import annotations
@@ -33,8 +31,10 @@ class LazyFaceRestorer:
     """Stands in for the `FaceRestorer` that `build()` makes, making it on first use.
 
     `batch_size` is the loop's first question (how many photos to restore together): a number
-    given (`--batch-size N`) is answered without the model; auto depends on the model's device and
-    face size, so it builds it.
+    given (`--batch-size N`) is answered without the model. Auto depends on the model's device and
+    face size, so until the model is built it is 1: the first photo is read and restored alone
+    (building the model only if it could be read), and the photos after it in batches of the
+    model's size.
     """
 
     def __init__(self, build: Callable[[], FaceRestorer], batch_size: int | str = "auto"):
@@ -57,9 +57,9 @@ class LazyFaceRestorer:
 
     @property
     def batch_size(self) -> int:
-        if self._restorer is None and self._batch_size != "auto":
-            return int(self._batch_size)
-        return self.get().batch_size
+        if self._restorer is None:
+            return 1 if self._batch_size == "auto" else int(self._batch_size)
+        return self._restorer.batch_size
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # never build for private or special names (copy, pickle)
