@@ -14,7 +14,7 @@ from PIL import Image, ImageCms
 
 from facerestore_cli.cli import main
 from facerestore_cli.faces.align import estimate_affine, feather_mask, paste_faces, paste_faces_high
-from facerestore_cli.io.high_depth import eight_bit, encode_png, write_tiff
+from facerestore_cli.io.high_depth import eight_bit, encode_png, orient, write_tiff
 from facerestore_cli.io.images import output_notes, read_image, write_image
 from facerestore_cli.restore.face_restorer import build_face_restorer
 from facerestore_cli.restore.loop import run_restore
@@ -87,6 +87,20 @@ def test_16bit_png_keeps_exif_and_is_read_upright(tmp_path: Path) -> None:
     assert np.array_equal(img.high, np.rot90(pixels, 3)) and np.array_equal(img.rgb, eight_bit(img.high)[0])
     with Image.open(write_image(tmp_path / "out.png", img.high, like=img)) as back:
         assert back.getexif().get(0x010F) == "ScanCo" and 0x0112 not in back.getexif(), "EXIF kept, orientation applied"
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 6, 8])
+def test_16bit_tiff_is_read_upright(tmp_path: Path, orientation: int) -> None:
+    """Pillow turns a TIFF upright as it loads and drops the tag: the 16 bits must follow it."""
+    pixels = noise16(6, 10, 3)
+    src = tmp_path / "oriented.tif"
+    tifffile.imwrite(src, pixels, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    img = read_image(src)
+    assert img.high is not None and img.bit_depth == 16, "kept at 16 bits"
+    assert np.array_equal(img.high, orient(pixels, orientation)) and np.array_equal(img.rgb, eight_bit(img.high)[0])
+    with Image.open(src) as pil:
+        shown = np.asarray(pil.convert("RGB")).astype(np.int16)  # Pillow drops the low byte; we round
+    assert shown.shape == img.rgb.shape and np.abs(shown - img.rgb).max() <= 1, "as Pillow shows it"
 
 
 def test_colour_model_changes_are_noted(tmp_path: Path) -> None:

@@ -99,13 +99,20 @@ def eight_bit(high: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 # ------------------------------------------------------------------ reading
 
 
-def read_high_depth(path: Path, fmt: str | None) -> np.ndarray | None:
+def read_high_depth(path: Path, fmt: str | None) -> tuple[np.ndarray | None, int | None]:
     """The 16-bit samples of a PNG or TIFF as uint16 HxWxC (as stored, not yet upright), or None
-    when the file holds no 16-bit grey/RGB samples we can keep (then its 8-bit view is used)."""
+    when the file holds no 16-bit grey/RGB samples we can keep (then its 8-bit view is used); and
+    for a TIFF its own orientation tag, since Pillow turns a TIFF upright as it loads it and drops
+    the tag (a PNG's EXIF orientation is still Pillow's to read: None)."""
     if fmt == "TIFF":
-        return read_tiff(path)[0]
+        pixels, _icc, orientation = read_tiff(path)
+        return pixels, orientation
     if fmt != "PNG":
-        return None
+        return None, None
+    return _read_png16(path), None
+
+
+def _read_png16(path: Path) -> np.ndarray | None:
     data = np.fromfile(path, np.uint8)
     grey = data[25:26].tobytes() in (b"\x00", b"\x04")  # IHDR's colour type: grey, grey + alpha
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)

@@ -237,13 +237,13 @@ def _high_samples(path: Path, fmt: str | None, orientation: int, shape: tuple[in
     if fmt not in HIGH_FORMATS:
         return None
     try:
-        high = read_high_depth(path, fmt)
+        high, own_orientation = read_high_depth(path, fmt)
     except (MediaError, OSError, ValueError, cv2.error) as err:
         log.debug("%s: 16-bit samples unreadable, using 8 bits: %s", path, err)
         return None
     if high is None:
         return None
-    high = orient(high, orientation)
+    high = orient(high, own_orientation or orientation)
     return high if high.shape[:2] == shape[:2] else None
 
 
