@@ -321,3 +321,12 @@ def test_ctrl_c_finishes_the_file_in_hand_prints_the_summary_and_how_to_resume(t
         assert_complete_image(path, (256, 256))
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(r["output"] for r in rows) == [str(p) for p in finals] and {r["status"] for r in rows} == {"ok"}
+
+    # The printed command resumes the run and keeps its report: the interrupted run's lines, then the rest.
+    done = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    first, resumed = rows[: len(finals)], rows[len(finals) :]
+    assert [r["status"] for r in first] == ["ok"] * len(finals), "the interrupted run's lines are kept"
+    status = {Path(r["path"]).name: r["status"] for r in resumed}
+    assert status == {p.name: ("skipped" if out / p.name in finals else "ok") for p in inputs}

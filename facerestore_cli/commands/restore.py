@@ -246,7 +246,7 @@ def print_interrupted(summary, resume: str, lead: bool = True) -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     metavar="FILE.jsonl",
-    help="Write one JSON line per input as it finishes: path, output, status (ok, skipped, failed, no_faces), faces found and restored, seconds, error.",
+    help="Write one JSON line per input as it finishes: path, output, status (ok, skipped, failed, no_faces), faces found and restored, seconds, error. Started afresh, or appended to with --skip-existing (a resumed run keeps the report of the run it resumes).",
 )
 def restore(
     inputs,
@@ -336,8 +336,8 @@ def restore(
     try:
         with user_errors():
             join_shards(shard)
-            if report_path is not None:  # rank 0 empties the file before any rank writes to it
-                report = JsonlReport(report_path, fresh=lead)
+            if report_path is not None:  # rank 0 empties the file before any rank writes to it, unless resuming
+                report = JsonlReport(report_path, fresh=lead and not skip_existing)
                 wait_for_all(shard)
         face_restorer = LazyFaceRestorer(build_restorer, batch_size)
         opts = RestoreOptions(outdir, upscale, only_center_face, aligned, save_faces, compare, skip_existing, detect_every=detect_every)
