@@ -233,7 +233,7 @@ def _model_labels(models: Sequence[Path]) -> list[str]:
     parts = [Path(m).parts or (str(m),) for m in models]
     depth = [1] * len(models)
     for _ in range(max((len(p) for p in parts), default=1)):
-        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        labels = [Path(*p[-d:]).as_posix() for p, d in zip(parts, depth)]
         clash = {label for label in labels if labels.count(label) > 1}
         if not clash:
             break

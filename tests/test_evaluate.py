@@ -280,3 +280,4 @@ def test_models_of_the_same_folder_name_get_rows_a_reader_can_tell_apart() -> No
     runs = [Path("weights/restorer-tiny"), Path("/runs/refl_paper/final"), Path("/runs/lrpo/final"), Path("a/x/final"), Path("b/x/final")]
     assert _model_labels(runs) == ["restorer-tiny", "refl_paper/final", "lrpo/final", "a/x/final", "b/x/final"]
     assert _model_labels([Path("runs/input")]) == ["runs/input"], "never the name of a baseline row"
+    assert _model_labels([Path("/x/final"), Path("/y/x/final")]) == ["/x/final", "y/x/final"], "down to the root"

@@ -348,7 +348,7 @@ def restore(
             summary = restore_shard(inputs, face_restorer, opts, reporter, shard, stop=stop.is_set)
     except Interrupted as stopped:  # a second Ctrl-C: the file in hand was dropped
         print_interrupted(stopped.summary if lead else None, resume, lead)
-    except KeyboardInterrupt:  # before any file was started
+    except KeyboardInterrupt:  # before any file was started, or a second Ctrl-C after the last one
         print_interrupted(None, resume, lead)
     finally:
         if report is not None:

@@ -19,6 +19,7 @@ import tempfile
 from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 from facerestore_cli.errors import FacerestoreError
 
@@ -78,14 +79,19 @@ def _orphaned(name: str) -> bool:
     return bool(found) and found["host"] == _host_tag() and not _process_alive(int(found["pid"]))
 
 
-def remove_orphaned_temps(folder: Path) -> int:
-    """Delete, under ``folder``, the temp files that killed runs on this host left; how many."""
+def remove_orphaned_temps(folders: Iterable[Path]) -> int:
+    """Delete, in ``folders`` (not below them), the temp files that killed runs on this host
+    left; how many. A run sweeps only the folders it writes into, so `-o ~` reads no whole tree."""
     removed = 0
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            if name.startswith(".") and _orphaned(name):
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not made yet, or unreadable: nothing of ours in it
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") and _orphaned(entry.name) and entry.is_file(follow_symlinks=False):
                 with suppress(FileNotFoundError):  # another rank removed it first
-                    os.unlink(os.path.join(root, name))
+                    os.unlink(entry.path)
                     removed += 1
     return removed
 

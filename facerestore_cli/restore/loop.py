@@ -277,8 +277,8 @@ def run_restore(
     the rest goes on. `stop()` turning true ends the run after the photos in hand (module doc)."""
     reporter, shard, stop = reporter or SilentReporter(), shard or Shard(), stop or _never
     summary, t0 = Summary(), time.perf_counter()
-    items, errors = discover_inputs(specs, exclude=[opts.outdir])
-    items = shard.take(items)
+    everything, errors = discover_inputs(specs, exclude=[opts.outdir])
+    items = shard.take(everything)
     for err in errors if shard.rank == 0 else []:  # every rank sees them; one reports them
         _fail(summary, reporter, str(err))
         reporter.file_finished(FileRecord(str(err.path), None, "failed", error=str(err)))
@@ -288,7 +288,7 @@ def run_restore(
         _fail(summary, reporter, str(err))
         return summary
     if shard.rank == 0:
-        summary.temps_removed = remove_orphaned_temps(opts.outdir)
+        summary.temps_removed = remove_orphaned_temps(_output_folders(everything, opts.outdir))
     reporter.start(len(items))
     try:
         _restore_items(items, face_restorer, opts, summary, reporter, stop)
@@ -297,6 +297,11 @@ def run_restore(
         raise Interrupted(summary) from None
     _stopped(summary, len(items), t0)
     return summary
+
+
+def _output_folders(items: Sequence[InputItem], outdir: Path) -> set[Path]:
+    """The folders a run writes into: its outputs', and those of --save-faces and --compare."""
+    return {(root / item.rel).parent for item in items for root in (outdir, outdir / "faces", outdir / "compare")}
 
 
 def _stopped(summary: Summary, total: int, t0: float) -> None:
@@ -336,6 +341,8 @@ def _restore_items(
         except RunStopped:
             return  # the video in hand is dropped, left unfinished
         except Exception as err:  # one broken file must not stop a batch of thousands
+            if stop():
+                return  # e.g. an ffprobe that the terminal's Ctrl-C reached too: left unfinished, not failed
             record = _failed(item, err)
         record.seconds = time.perf_counter() - t0
         _finished(summary, reporter, record)
