@@ -319,18 +319,16 @@ def score_cmd(inputs, model, clip, caption, detect, aligned_ok, sort, json_path,
     from facerestore_cli.faces.face import DetectorUnavailable
 
     detector = None
-    if detect:
-        detector = build_detector("mtcnn", device=frm.device)
-    elif not aligned_ok:
-        try:  # the detector only checks the crops: without its weights, only their shape is checked
+    if detect or not aligned_ok:
+        try:
             detector = build_detector("mtcnn", device=frm.device)
         except DetectorUnavailable:
-            detector = None
+            if detect:
+                raise
+            # it only checks the crops: without its weights, only their shape is checked
     items, errors = discover_inputs(list(inputs))
-    if detect:
-        scores, bad = score_paths(frm, [i.path for i in items], caption, detector, batch_size)
-    else:
-        scores, bad = score_paths(frm, [i.path for i in items], caption, None, batch_size, checker=detector)
+    finder, checker = (detector, None) if detect else (None, detector)
+    scores, bad = score_paths(frm, [i.path for i in items], caption, finder, batch_size, checker=checker)
     errors += bad
     for err in errors:
         _error_line(str(err))

@@ -14,6 +14,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from facerestore_cli.io.high_depth import GREY_WEIGHTS
 from facerestore_cli.io.images import resize_image, scaled_size
 
 #: facexlib's FFHQ template for 512 px crops: left eye, right eye, nose, left/right mouth corner.
@@ -207,7 +208,7 @@ def paste_faces_high(
         high = resize_image(high, size=size).reshape(*size, high.shape[2])
     crops = [np.asarray(f, np.float32) for f in faces]
     if grey or colours == 1:
-        crops = [f @ np.array([0.299, 0.587, 0.114], np.float32) for f in crops]
+        crops = [f @ GREY_WEIGHTS for f in crops]
         crops = crops if colours == 1 else [np.repeat(f[..., None], 3, axis=2) for f in crops]
     if not crops:
         return high

@@ -88,10 +88,19 @@ def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
+#: RGB to grey (luma), with the weights Pillow uses for its "L" mode.
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def to_8bit(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples to the nearest 8-bit ones (257 * v -> v, 65535 -> 255; wider ones clipped)."""
+    return np.clip((samples.astype(np.int64) + 128) // 257, 0, 255).astype(np.uint8)
+
+
 def eight_bit(high: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """The 8-bit view of a uint16 HxWxC image: RGB uint8 HxWx3 (grey repeated) and alpha HxW or None."""
     colours = 1 if high.shape[2] <= 2 else 3
-    low = ((high.astype(np.uint32) + 128) // 257).astype(np.uint8)  # nearest: 257 * v -> v, 65535 -> 255
+    low = to_8bit(high)
     rgb = np.repeat(low[..., :1], 3, axis=2) if colours == 1 else np.ascontiguousarray(low[..., :3])
     return rgb, (np.ascontiguousarray(low[..., colours]) if high.shape[2] in (2, 4) else None)
 
@@ -251,7 +260,7 @@ def widen(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
     luma for grey, and `like`'s alpha, resized, for the alpha (e.g. a restored --aligned crop)."""
     wide = rgb.astype(np.float32) * np.float32(257)
     if like.shape[2] <= 2:
-        wide = wide @ np.array([0.299, 0.587, 0.114], np.float32)
+        wide = wide @ GREY_WEIGHTS
     colour = np.clip(np.rint(wide), 0, 65535).astype(np.uint16).reshape(*rgb.shape[:2], -1)
     if like.shape[2] in (1, 3):
         return colour

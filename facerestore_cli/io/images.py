@@ -26,6 +26,7 @@ from facerestore_cli.io.high_depth import (
     read_high_depth,
     read_tiff,
     tiff_is_cut,
+    to_8bit,
     write_tiff,
 )
 
@@ -153,7 +154,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f":
         scale = 255.0 if float(arr.max(initial=0)) <= 1.0 else 1.0 / 257.0
         return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    return np.clip(np.rint(arr.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+    return to_8bit(arr)
 
 
 def _split_pixels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -273,8 +274,9 @@ _MODE_NOTES = {
 
 def _read_notes(mode: str, depth: int, high: np.ndarray | None) -> list[str]:
     """What changes about a file's colour model or depth whenever it is written again."""
-    notes = [_MODE_NOTES[mode]] if mode in _MODE_NOTES else []
-    if depth == 16 and high is None and mode not in {"I", "F"}:
+    wide = mode in {"I", "F"}  # 32-bit samples; or, on older Pillow, 16-bit grey PNG kept in `high`
+    notes = [_MODE_NOTES[mode]] if mode in _MODE_NOTES and not (wide and high is not None) else []
+    if depth == 16 and high is None and not wide:
         notes.append("16-bit written as 8-bit")
     return notes
 

@@ -3,8 +3,9 @@
 `restore` checks its options, paths and device first (`options.check_before_loading`); the model
 and detector (`build_face_restorer`, which imports torch) wait until a file is to be restored, so
 a run in which every input is skipped (`--skip-existing` with nothing left to do) or fails before
-it is restored (missing, not a photo or video, an unreadable video) neither loads nor imports
-them, nor does a photo that proves unreadable (photos are read before they are restored).
+it is restored (missing, not a photo or video, a video whose header cannot be read) neither
+loads nor imports them, nor does a photo that proves unreadable (photos are read before they
+are restored). A video whose header reads builds them before its first frame is decoded.
 """
 
 from __future__ import annotations
