@@ -266,9 +266,10 @@ def test_an_epochs_rounds_share_one_std_and_each_is_trained(assets, tmp_path: Pa
     assert terms["kept_fraction"] == 6 / 8 and terms["reward_total"] == 2.625
 
 
-def test_ablations_train_on_the_same_degraded_faces(assets, tmp_path: Path) -> None:
-    """The degradations have their own generator per (step, round): without the GT likelihood
-    (which draws the GT's trajectory noise) round 2 still gets the LQ faces the full method gets."""
+def test_ablations_train_on_the_same_degraded_faces_and_samples(assets, tmp_path: Path) -> None:
+    """The degradations and the sampling noise have their own generators per (step, round):
+    without the GT likelihood (which draws the GT's trajectory noise) round 2 still gets the LQ
+    faces, and the samples, that the full method gets."""
     from facerestore_cli.train.runner import accelerator, seed_everything
 
     seen: dict[float, list[torch.Tensor]] = {}
@@ -282,12 +283,13 @@ def test_ablations_train_on_the_same_degraded_faces(assets, tmp_path: Path) -> N
         keep, original = seen.setdefault(weight, []), method.sample
 
         def spy(lq, hq, captions, keep=keep, original=original):
-            keep.append(lq)
-            return original(lq, hq, captions)
+            got = original(lq, hq, captions)
+            keep += [lq, got[0]["total"], got[1][-1].z_next]  # LQ faces, rewards, final latents
+            return got
 
         method.sample = spy
         method.train_step(0)
-    assert len(seen[1e-3]) == 2 and all(torch.equal(a, b) for a, b in zip(seen[1e-3], seen[0.0]))
+    assert len(seen[1e-3]) == 6 and all(torch.equal(a, b) for a, b in zip(seen[1e-3], seen[0.0]))
 
 
 # ---------------------------------------------------------------- the composite reward

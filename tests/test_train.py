@@ -86,6 +86,38 @@ def prepared(shared_data: Path, tmp_path_factory) -> Path:
     return out
 
 
+def test_the_training_order_resumes_anywhere_and_shards_by_process(tmp_path: Path) -> None:
+    """Each data epoch a new permutation; the stream from key k is the whole stream's rest; the
+    processes' shares of an epoch are disjoint; a key's crop is the same whatever the global
+    random state (or the worker) it is read in."""
+    import itertools
+    import random
+
+    from fakes import write_crops
+
+    from facerestore_cli.data.order import ResumableOrder
+
+    def stream(order: ResumableOrder, n: int) -> list[tuple[int, int]]:
+        return list(itertools.islice(order, n))
+
+    whole = stream(ResumableOrder(7, seed=3), 21)
+    epochs = [sorted(i for i, _ in whole[e * 7 : (e + 1) * 7]) for e in range(3)]
+    assert epochs == [list(range(7))] * 3 and whole[:7] != whole[7:14], "a new permutation every epoch"
+    for start in (1, 6, 7, 10):
+        assert stream(ResumableOrder(7, seed=3, start=start), 21 - start) == whole[start:]
+    assert stream(ResumableOrder(7, seed=4), 7) != whole[:7], "the seed makes the order"
+    shares = [stream(ResumableOrder(7, seed=3, process=r, processes=2), 3) for r in range(2)]
+    assert not {i for i, _ in shares[0]} & {i for i, _ in shares[1]} and all(len(s) == 3 for s in shares)
+
+    data = CropDataset([write_crops(tmp_path / "crops", 2)], patch_size=32)
+    key = whole[0]
+    random.seed(0)
+    first = data[(key[0] % 2, key[1])]
+    random.seed(1)
+    assert torch.equal(first, data[(key[0] % 2, key[1])])
+    assert any(not torch.equal(first, data[(key[0] % 2, s)]) for s in range(1, 9)), "the seed draws the patch"
+
+
 def test_prepare_faces_writes_aligned_crops_and_manifest(prepared: Path) -> None:
     rows = read_manifest(prepared)
     assert len(rows) >= 3 and len({r.dhash for r in rows}) == len(rows)

@@ -3,9 +3,8 @@ ends with the weights and optimizer state of 4 uninterrupted steps (so the check
 the weights, the optimizer and every random state), and a save killed between its two renames
 still resumes from the checkpoint before it.
 
-A tiny random restorer on 4 synthetic crops, batch 2: the kill comes at an epoch boundary. (A
-run resumed in the middle of an epoch draws a new order for the rest of that epoch, so it sees
-other batches than the uninterrupted run would; that is not checked here.)
+A tiny random restorer on 6 synthetic crops, batch 2 (3 batches an epoch): the resume comes in the middle of an epoch,
+where the order of the faces and their random patches must also come back (`data.order`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ STEPS = 4
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume_assets")
     tiny_restorer(64).save_pretrained(root / "base")
-    return {"base": root / "base", "data": write_crops(root / "faces", 4)}
+    return {"base": root / "base", "data": write_crops(root / "faces", 6)}
 
 
 def config(assets: dict[str, Path]) -> RestorerTrainConfig:
@@ -134,8 +133,9 @@ def test_a_save_killed_between_its_renames_resumes_from_the_checkpoint_before(
 
 # ------------------------------------------------------------------ refl and lrpo
 def tuning_config(kind: str, assets: dict[str, Path]):
-    """4 steps of 3 of the 6 crops (an epoch is 2 steps), checkpoints every 2, tiny LoRA: the
-    dynamic FRM steps at 2 and 4 (refl); 2 rounds an epoch with the GT likelihood (lrpo)."""
+    """4 steps of batches of 2 of the 6 crops (3 batches a data epoch, so step 2's checkpoint
+    falls inside one), checkpoints every 2, tiny LoRA: the dynamic FRM steps at 2 and 4 (refl);
+    2 sampling rounds a step with the GT likelihood (lrpo)."""
     from facerestore_cli.train.lrpo import LrpoConfig
     from facerestore_cli.train.refl import ReflConfig
 
@@ -145,7 +145,7 @@ def tuning_config(kind: str, assets: dict[str, Path]):
         "frm": str(assets["frm"]),
         "lora_rank": 2,
         "steps": STEPS,
-        "batch_size": 3,
+        "batch_size": 2,
         "face_size": 64,
         "lr": 1e-3,
         "wavelet_levels": 2,
@@ -155,7 +155,7 @@ def tuning_config(kind: str, assets: dict[str, Path]):
     }
     if kind == "refl":
         return ReflConfig.from_dict(raw | {"frm_update_every": 2, "frm_lr": 1e-3, "frm_warmup_steps": 1, "warmup_steps": 1})
-    extra = {"group_size": 2, "sampling_steps": 2, "rounds_per_epoch": 1, "fidelity_metric": "encoder", "quality_metric": "frm"}
+    extra = {"group_size": 2, "sampling_steps": 2, "rounds_per_epoch": 2, "fidelity_metric": "encoder", "quality_metric": "frm"}
     return LrpoConfig.from_dict(raw | extra | {"allow_missing_rewards": True})
 
 
@@ -170,9 +170,9 @@ def tuning_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["refl", "lrpo"])
 def test_refl_and_lrpo_killed_and_resumed_end_as_straight_runs(kind: str, tmp_path: Path) -> None:
-    """Each step draws from generators seeded by (seed, step, process), and the checkpoint brings
-    back the weights, optimizers (the dynamic FRM's too) and the data order: a kill after step 3
-    and a resume from step 2 end where 4 straight steps do."""
+    """Each step draws from generators seeded by (seed, step, process), the faces come in an order
+    that resumes mid-epoch, and the checkpoint brings back the weights and optimizers (the dynamic
+    FRM's too): a kill after step 3 and a resume from step 2 end where 4 straight steps do."""
     from fakes import fine_tuning_assets
 
     from facerestore_cli.train.lrpo import train_lrpo

@@ -168,9 +168,13 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, idx: int) -> torch.Tensor | tuple[torch.Tensor, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, str]:
+        """Item `key`, or `(index, seed)`: its random scale, patch and flip from that seed
+        (`data.order.ResumableOrder`), so they do not depend on the worker or on a resume."""
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        rng = random if seed is None else random.Random(seed)
         img = cv2.imread(str(self.files[idx]), cv2.IMREAD_COLOR)[:, :, ::-1]
-        scale = random.choice(self.scales)
+        scale = rng.choice(self.scales)
         if scale != 1.0:
             side = max(1, round(img.shape[0] * scale))
             img = cv2.resize(np.ascontiguousarray(img), (side, side), interpolation=cv2.INTER_AREA)
@@ -178,9 +182,9 @@ class CropDataset(Dataset):
                 raise InputError(f"{self.files[idx]}: shrunk by {scale} to {side} px, smaller than patch_size {self.patch_size}")
         if self.patch_size and self.patch_size < img.shape[0]:
             p = self.patch_size
-            y, x = random.randint(0, img.shape[0] - p), random.randint(0, img.shape[1] - p)
+            y, x = rng.randint(0, img.shape[0] - p), rng.randint(0, img.shape[1] - p)
             img = img[y : y + p, x : x + p]
-        if self.flip and random.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img = img[:, ::-1]
         image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
         return image if self.captions is None else (image, self.captions[idx])

@@ -67,10 +67,9 @@ from facerestore_cli.train.runner import (
     LORA_FILE,
     RunResult,
     export_final,
-    infinite,
     run_training,
     save_model,
-    whole_face_loader,
+    whole_face_batches,
 )
 
 #: the shared parts (train/lrpo_core.py) are importable from here too, as before they moved.
@@ -161,9 +160,8 @@ class LrpoMethod(GroupPolicyMethod):
         if acc.is_main_process:
             (self.run_dir / "rewards.txt").write_text("\n".join(self.reward.report()) + "\n")
         self.captions = frm_captions(cfg, self.reward)
-        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
-        self.objective, self.opt, loader = acc.prepare(LrpoObjective(self.model, cfg), self.opt, loader)
-        self.batches = infinite(loader)
+        self.objective, self.opt = acc.prepare(LrpoObjective(self.model, cfg), self.opt)
+        self.batches = whole_face_batches(cfg, acc, start_batch=step * cfg.rounds_per_epoch, captions=self.captions)
 
     def sample(self, lq: torch.Tensor, hq: torch.Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:
         scores, path, ground_truth = rollout(self.model, self.reward, self.cfg, lq, hq, self.gen, captions)

@@ -66,7 +66,7 @@ from facerestore_cli.train.lrpo_core import (
     ppo_loss,
     trained_steps,
 )
-from facerestore_cli.train.runner import autocast, infinite, whole_face_loader
+from facerestore_cli.train.runner import autocast, whole_face_batches
 
 #: The tuned ControlNet's file in a finished run, the model file naming it, and its sampler preset.
 CONTROLNET_FILE, MODEL_FILE, PRESET = CONTROLNET_FILE, MODEL_FILE, "lrpo"
@@ -215,9 +215,8 @@ class ControlNetLrpoMethod(GroupPolicyMethod):
         if acc.is_main_process:
             (self.run_dir / "rewards.txt").write_text("\n".join(self.reward.report()) + "\n")
         self.captions = frm_captions(cfg, self.reward)
-        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
-        self.opt, loader = acc.prepare(self.opt, loader)
-        self.batches = infinite(loader)
+        self.opt = acc.prepare(self.opt)
+        self.batches = whole_face_batches(cfg, acc, start_batch=step * cfg.rounds_per_epoch, captions=self.captions)
 
     def sample(self, lq: Tensor, hq: Tensor, captions: list[str] | None) -> tuple[dict, list[Transition], list, Any]:
         with autocast(self.acc.device, self.precision):

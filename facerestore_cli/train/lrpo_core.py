@@ -27,6 +27,8 @@ LIKELIHOOD_TEMPERATURE = 40.0
 #: a one-step base's sampling steps when the config sets none.
 ONE_STEP_SAMPLING_STEPS = 3
 PRECISIONS = ("fp32", "bf16")
+#: round r's sampling generator is part SAMPLING_PARTS + r of its step; its degradations are part 1 + r.
+SAMPLING_PARTS = 1000
 
 
 @dataclass
@@ -280,7 +282,6 @@ class GroupPolicyMethod(TrainingMethod):
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc
-        self.gen = step_generator(cfg.seed, step, acc.process_index)  # sampling noise; a resumed run draws as the straight one
         rounds = [self.sample_round(step, i) for i in range(cfg.rounds_per_epoch)]
         rewards = torch.stack([r[0] for r in rounds])  # (rounds, faces, group)
         epoch_std = acc.gather(rewards).std(unbiased=False)
@@ -309,12 +310,14 @@ class GroupPolicyMethod(TrainingMethod):
     def sample_round(self, step: int, index: int) -> tuple[torch.Tensor, list[Transition], list, Any, dict]:
         """Degrade the next batch and sample it: ((faces, group) rewards, transitions, the GT's
         trajectory, the subclass's context, each reward component's scores). The degradations
-        come from their own generator, seeded by (seed, step, round, process): an ablation that
-        draws less noise while sampling (no GT trajectory) still trains on the same LQ faces, and
-        a resumed run degrades as the uninterrupted one did."""
+        and the sampling noise come from generators of their own, seeded by (seed, step, round,
+        process): an ablation that draws less noise (no GT trajectory) still trains on the same LQ
+        faces and the same samples, round after round, and a resumed run draws as the
+        uninterrupted one did."""
         cfg, acc = self.cfg, self.acc
         faces, captions = with_captions(next(self.batches))
         degradations = step_generator(cfg.seed, step, acc.process_index, part=1 + index)
+        self.gen = step_generator(cfg.seed, step, acc.process_index, part=SAMPLING_PARTS + index)
         hq, lq = degraded_pair(faces.to(acc.device), cfg.face_size, cfg.degradation, degradations)
         scores, path, ground_truth, context = self.sample(lq, hq, captions)
         rewards = scores["total"].to(acc.device).view(hq.shape[0], cfg.group_size)

@@ -76,12 +76,11 @@ from facerestore_cli.train.runner import (
     autocast,
     degraded_pair,
     export_final,
-    infinite,
     run_training,
     save_model,
     step_generator,
     update,
-    whole_face_loader,
+    whole_face_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -323,10 +322,9 @@ class ReflMethod(TrainingMethod):
 
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
-        loader = whole_face_loader(cfg.data, cfg.batch_size, cfg.min_sharpness, cfg.num_workers, self.captions)
+        self.objective, self.opt = acc.prepare(self.objective, self.opt)
+        self.batches = whole_face_batches(cfg, acc, start_batch=step, captions=self.captions)  # a batch a step
         self.setup["captions"] = self.captions.describe() if self.frm.uses_captions else "unused (this FRM reads no captions)"
-        self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
-        self.batches = infinite(loader)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader
 
 from facerestore_cli.configfile import RunConfig
 from facerestore_cli.data.crops import CropDataset
@@ -40,7 +39,7 @@ from facerestore_cli.train.runner import (
     TrainingMethod,
     autocast,
     export_final,
-    infinite,
+    face_batches,
     run_training,
     save_model,
     update,
@@ -298,20 +297,12 @@ class RestorerMethod(TrainingMethod):
     def start(self, step: int) -> None:
         cfg, acc = self.cfg, self.acc
         data = CropDataset([Path(d) for d in cfg.data], patch_size=cfg.patch_size, min_sharpness=cfg.min_sharpness, scales=cfg.scales)
-        loader = DataLoader(
-            data,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0,
-        )
-        self.objective, self.opt, loader = acc.prepare(self.objective, self.opt, loader)
+        self.objective, self.opt = acc.prepare(self.objective, self.opt)
         if self.fake is not None:
             self.fake, self.fake_opt = acc.prepare(self.fake, self.fake_opt)
         self.fake_x0 = acc.unwrap_model(self.fake).x0 if self.fake is not None else None
         self.degrader = Degrader(cfg.degradation, device=acc.device)  # seeded per step (train_step)
-        self.batches = infinite(loader)
+        self.batches = face_batches(data, cfg.batch_size, cfg.num_workers, cfg.seed, step, acc)  # a batch a step
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc

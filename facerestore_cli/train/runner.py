@@ -22,13 +22,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from facerestore_cli.configfile import RunConfig
 from facerestore_cli.data.autopairs import degrade_at
 from facerestore_cli.data.captions import CaptionLookup
 from facerestore_cli.data.crops import CropDataset
 from facerestore_cli.data.degrade import DegradationConfig, sample_params
+from facerestore_cli.data.order import ResumableOrder
 from facerestore_cli.errors import InputError
 from facerestore_cli.models.restorer import OneStepRestorer
 from facerestore_cli.paths import DEFAULT_FRM, DEFAULT_RESTORER
@@ -45,10 +46,13 @@ from facerestore_cli.train.checkpoint import (
 LORA_FILE = "lora.safetensors"
 
 
-def infinite(loader: DataLoader) -> Iterator:
-    """Batches forever: loops count steps, not epochs."""
-    while True:
-        yield from loader
+def face_batches(data: Dataset, batch_size: int, num_workers: int, seed: int, start_batch: int, acc) -> Iterator:
+    """Endless batches of `data`, this process's share, in `ResumableOrder` from its
+    `start_batch`-th batch on: a run resumed at step N (and so at batch N x batches a step)
+    reads the faces, and draws the crops, that the uninterrupted run did from there."""
+    order = ResumableOrder(len(data), seed, start_batch * batch_size, acc.process_index, acc.num_processes)
+    loader = DataLoader(data, batch_size=batch_size, sampler=order, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return iter(loader)
 
 
 @dataclass
@@ -102,20 +106,11 @@ def accelerator(device: str):
     return Accelerator(cpu=torch.device(device).type == "cpu")
 
 
-def whole_face_loader(
-    folders: list[str], batch_size: int, min_sharpness: float, num_workers: int, captions: CaptionLookup | None = None
-) -> DataLoader:
-    """Shuffled batches of whole aligned faces, as the reward fine-tuning loops (refl, lrpo) use
+def whole_face_batches(cfg: LoraTuningConfig, acc, start_batch: int, captions: CaptionLookup | None = None) -> Iterator:
+    """`face_batches` of whole aligned faces, as the reward fine-tuning loops (refl, lrpo) use
     them; with `captions`, batches of (faces, their captions) for the Face Reward Model."""
-    data = CropDataset([Path(d) for d in folders], patch_size=None, min_sharpness=min_sharpness, captions=captions)
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(data) >= batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    data = CropDataset([Path(d) for d in cfg.data], patch_size=None, min_sharpness=cfg.min_sharpness, captions=captions)
+    return face_batches(data, cfg.batch_size, cfg.num_workers, cfg.seed, start_batch, acc)
 
 
 def degraded_pair(
