@@ -8,7 +8,8 @@
 #   device run: carry ["build/dev_carry"], command "bash benchmarks/gpu_tuning_memory.sh"
 #
 # What differs from the papers' runs, because those files are not here: the judge is the bundled
-# compact FRM (the paper's is FaceRewardModel.pth, ViT-H-14, about 2 GB more in bf16), LPIPS-VGG and
+# compact FRM (the paper's is FaceRewardModel.pth, ViT-H-14: 3.7 GiB of fp32 weights, twice in ReFL
+# with its start copy, plus AdamW state for its unlocked layers; the printed estimate counts them), LPIPS-VGG and
 # CLIP-IQA fall back (fidelity by the VAE encoder, CLIP-IQA dropped), AdamW in fp32 (8-bit AdamW
 # needs bitsandbytes), one LRPO round instead of 12 (the 11 more rounds' stored trajectories are
 # about 0.1 GB each), 2 ReFL steps and 1 LRPO step.

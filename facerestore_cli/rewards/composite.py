@@ -199,12 +199,16 @@ class CompositeReward:
             )
         return -v if metric.lower_better else v
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The judges that are networks (the FRM among them): what `to` moves, and what the
+        memory estimate counts."""
+        return [judge for judge in [self.frm, *self.judges.values()] if isinstance(judge, torch.nn.Module)]
+
     def to(self, device: torch.device | str) -> "CompositeReward":
         """Every network judge (and the FRM) on `device`, where the restorations are (found on a GPU:
         the judges were built on the CPU and met CUDA images)."""
-        for judge in [self.frm, *self.judges.values()]:
-            if isinstance(judge, torch.nn.Module):
-                judge.to(device)
+        for judge in self.networks():
+            judge.to(device)
         return self
 
     @torch.no_grad()

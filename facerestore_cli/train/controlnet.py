@@ -16,7 +16,7 @@ import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -143,26 +143,46 @@ def refl_prediction(
 
 #: activation memory per 512 px sample with gradient, measured on an H200 (bf16 frozen parts,
 #: gradient checkpointing, the whole ControlNet, benchmarks/gpu_tuning_memory.sh): LRPO's policy
-#: step (UNet + ControlNet at one timestep) 0.6 GiB; ReFL's step m also decodes x0 through the VAE
-#: with gradient for its image losses, 7.8 GiB (38.3 GiB peak at batch 4).
+#: step (UNet + ControlNet at one timestep) about 0.6 GiB, kept at 0.75 (20.7 GiB estimated for
+#: 19.85 measured at 18 samples, with room for the other rounds' stored trajectories); ReFL's step m
+#: also decodes x0 through the VAE with gradient for its image losses, 7.8 GiB (38.3 GiB at batch 4).
 ACTIVATION_GIB_PER_SAMPLE = {"lrpo": 0.75, "refl": 7.8}
 
 
-def estimated_peak_bytes(tuning: TunableControlNet, batch: int, face_size: int, method: str = "lrpo") -> int:
+def estimated_peak_bytes(
+    tuning: TunableControlNet,
+    batch: int,
+    face_size: int,
+    method: str = "lrpo",
+    judges: Sequence[nn.Module] = (),
+    judge_trained: int = 0,
+) -> int:
     """A rough peak of tuning memory, printed at the start of a run so a too-large setting is
-    seen before an hour of loading: all weights, the optimiser state and gradients of what trains,
-    and activations scaled from the latent size (`ACTIVATION_GIB_PER_SAMPLE`, measured)."""
-    weights = sum(p.numel() * p.element_size() for m in (tuning.model, tuning.fixed) for p in m.parameters())
-    trained = sum(p.numel() for p in tuning.parameters()) * _ADAM_BYTES
+    seen before an hour of loading: all weights (the reward judges' too: the paper's ViT-H FRM
+    alone is 3.7 GiB in fp32), the optimiser state and gradients of what trains (the ControlNet,
+    and `judge_trained` weights of ReFL's dynamic FRM), and activations scaled from the latent
+    size (`ACTIVATION_GIB_PER_SAMPLE`, measured)."""
+    own = {id(p): p for m in (tuning.model, tuning.fixed) for p in m.parameters()}
+    others = {id(p): p for m in judges for p in m.parameters() if id(p) not in own}
+    weights = sum(p.numel() * p.element_size() for p in [*own.values(), *others.values()])
+    trained = (sum(p.numel() for p in tuning.parameters()) + judge_trained) * _ADAM_BYTES
     activations = int(ACTIVATION_GIB_PER_SAMPLE[method] * 2**30 * batch * (face_size / 512) ** 2)
     return weights + trained + activations
 
 
-def describe_memory(tuning: TunableControlNet, lora_rank: int, samples: int, face_size: int, method: str = "lrpo") -> str:
+def describe_memory(
+    tuning: TunableControlNet,
+    lora_rank: int,
+    samples: int,
+    face_size: int,
+    method: str = "lrpo",
+    judges: Sequence[nn.Module] = (),
+    judge_trained: int = 0,
+) -> str:
     """The estimated peak line a run prints at its start (`samples`: faces a forward with gradient
     runs). It counts device memory: on the CPU the process also holds the memory-mapped
     checkpoint's pages while loading (measured 8-11 GiB RSS at full size against 5.4-6.5 GiB here)."""
-    peak = estimated_peak_bytes(tuning, samples, face_size, method)
+    peak = estimated_peak_bytes(tuning, samples, face_size, method, judges, judge_trained)
     trainable = sum(p.numel() for p in tuning.parameters())
     what = f"LoRA rank {lora_rank}" if lora_rank else "the whole ControlNet"
     return f"{peak / 2**30:.1f} GiB ({what}: {trainable / 1e6:.1f}M trainable weights, {samples} samples a step, face {face_size} px)"

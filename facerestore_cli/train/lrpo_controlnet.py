@@ -202,7 +202,9 @@ class ControlNetLrpoMethod(GroupPolicyMethod):
             "tuned": "the whole ControlNet" if cfg.lora_rank == 0 else f"LoRA rank {cfg.lora_rank} on the ControlNet",
             "policy": f"DDIM {cfg.sampling_steps} steps, eta {cfg.eta}, {trained_steps(cfg.sampling_steps, cfg.timestep_fraction)} trained",
             "precision": f"{self.precision} (frozen parts {'bf16' if self.precision == 'bf16' else 'fp32'})",
-            "estimated peak memory": describe_memory(self.tuning, cfg.lora_rank, cfg.batch_size * cfg.group_size, cfg.face_size),
+            "estimated peak memory": describe_memory(
+                self.tuning, cfg.lora_rank, cfg.batch_size * cfg.group_size, cfg.face_size, judges=self.reward.networks()
+            ),
         }
         if acc.is_main_process:
             if self.on_setup:

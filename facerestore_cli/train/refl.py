@@ -303,6 +303,13 @@ class ReflMethod(TrainingMethod):
         self.precision = cfg.precision
         self.build_judge()
 
+    def judges_in_memory(self) -> tuple[list[torch.nn.Module], int]:
+        """What the memory estimate adds for the judges: their networks (the objective's, with the
+        FRM and its start copy) and how many FRM weights the dynamic FRM trains."""
+        nets = [m for m in (self.objective, self.frm, self.frm_start) if m is not None]
+        trained = sum(p.numel() for g in self.frm_opt.param_groups for p in g["params"]) if self.frm_opt is not None else 0
+        return nets, trained
+
     def build_judge(self) -> None:
         """The dynamic FRM's optimiser and start copy, the captions and the setup the log names."""
         cfg = self.cfg
@@ -450,7 +457,9 @@ class ControlNetReflMethod(ReflMethod):
         self.setup.update(
             tuned="the whole ControlNet" if cfg.lora_rank == 0 else f"LoRA rank {cfg.lora_rank} on the ControlNet",
             precision=f"{self.precision} (frozen parts {'bf16' if self.precision == 'bf16' else 'fp32'})",
-            estimated_peak_memory=describe_memory(self.tuning, cfg.lora_rank, cfg.batch_size, cfg.face_size, "refl"),
+            estimated_peak_memory=describe_memory(
+                self.tuning, cfg.lora_rank, cfg.batch_size, cfg.face_size, "refl", *self.judges_in_memory()
+            ),
         )
         if self.on_start is not None and self.acc.is_main_process:
             self.on_start({"estimated peak memory": self.setup["estimated_peak_memory"]})
