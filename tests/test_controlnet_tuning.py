@@ -42,7 +42,9 @@ def test_full_tuning_trains_the_controlnet_alone_and_keeps_the_hint_at_zero(file
     judge = torch.nn.Linear(100, 10)  # 1,010 fp32 weights
     with_judge = estimated_peak_bytes(tuning, batch=1, face_size=512, judges=[judge, tuning.model, judge])
     assert with_judge - base == 1010 * 4, "a judge's weights count once; the tuned model's are counted already"
-    assert estimated_peak_bytes(tuning, 1, 512, judges=[judge], judge_trained=1010) - with_judge == 1010 * 12, "Adam state of a trained judge"
+    assert estimated_peak_bytes(tuning, 1, 512, judges=[judge], judge_trained=1010) - with_judge == 1010 * 12, (
+        "Adam state of a trained judge"
+    )
 
 
 def test_refl_gradient_flows_only_through_step_m(files: dict[str, Path]) -> None:

@@ -33,7 +33,10 @@ SAMPLING_PARTS = 1000
 
 @dataclass
 class LrpoConfig(LoraTuningConfig):
-    """Everything an LRPO run depends on; saved beside the checkpoints. Defaults are the paper's."""
+    """Everything an LRPO run depends on; saved beside the checkpoints. The policy and reward
+    defaults are the paper's (lr, group, clip range, advantage clip, likelihood, judges); the run's
+    size is not (200 steps of one sampling round, where the paper runs 100 epochs of 12 rounds:
+    configs/paper/lrpo_diffbir.toml sets those)."""
 
     TABLES = {"rewards": RewardWeights, "degradation": DegradationConfig}
     KIND = "lrpo config"
@@ -300,7 +303,7 @@ class GroupPolicyMethod(TrainingMethod):
         terms.update({k: sum(v) / len(v) for k, v in inner.items()})
         for key in rounds[0][4]:
             terms[f"reward_{key}"] = sum(float(r[4][key].mean()) for r in rounds) / len(rounds)
-        terms["reward_std"] = float(rewards.std())
+        terms["reward_std"] = float(epoch_std)  # the spread the advantages are divided by
         terms["kept_fraction"] = kept / rewards.numel()
         terms["optimizer_steps"] = float(self.optimizer_steps)
         for k, v in terms.items():
