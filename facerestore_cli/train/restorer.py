@@ -42,6 +42,7 @@ from facerestore_cli.train.runner import (
     face_batches,
     run_training,
     save_model,
+    step_seed,
     update,
 )
 
@@ -309,7 +310,7 @@ class RestorerMethod(TrainingMethod):
         hq = next(self.batches).to(acc.device)
         # each step's degradations from its own seed (as lrpo draws its samples), so a resumed run
         # degrades step N's batch as the uninterrupted run did
-        self.degrader.gen.manual_seed(cfg.seed * 100003 + step * 7919 + 1000 * acc.process_index)
+        self.degrader.gen.manual_seed(step_seed(cfg.seed, step, acc.process_index))
         lq = self.degrader(hq)[0] if cfg.stage == "restorer" else hq
         with autocast(acc.device, cfg.precision):
             losses = self.objective(lq * 2 - 1, hq * 2 - 1, self.fake_x0, cfg.vsd_t_range)

@@ -265,11 +265,16 @@ class TrainingMethod:
             group["lr"] = self.lr_at(step)
 
 
+def step_seed(seed: int, step: int, process: int, part: int = 0) -> int:
+    """The seed of one step's draws, from the run's seed, the step, the process and a part of the
+    step (LRPO's rounds): a resumed run draws what the uninterrupted one did at the same step,
+    whatever was drawn before."""
+    return ((seed * 100003 + step) * 1009 + part) * 1013 + process
+
+
 def step_generator(seed: int, step: int, process: int, part: int = 0) -> torch.Generator:
-    """A CPU generator for one step's draws (degradations, sampling noise, ReFL's step m), seeded by
-    the run's seed, the step, the process and a part of the step (LRPO's rounds): a resumed run
-    draws what the uninterrupted one did at the same step, whatever was drawn before."""
-    return torch.Generator().manual_seed(((seed * 100003 + step) * 1009 + part) * 1013 + process)
+    """A CPU generator for one step's draws (degradations, sampling noise, ReFL's step m): `step_seed`."""
+    return torch.Generator().manual_seed(step_seed(seed, step, process, part))
 
 
 def seed_everything(seed: int) -> None:
