@@ -203,35 +203,30 @@ def restore_video(
     in between (faces/tracking.py). The next chunk is decoded and the previous one encoded in
     background threads while this one is restored; their errors surface here, and the writer
     leaves no output behind then. Once `stop()` holds, the video is dropped the same way
-    (`RunStopped`); so is an error after that, e.g. of an ffmpeg that the terminal's Ctrl-C
-    reached too, and a decoder stopped by it does not pass for the video's end.
+    (`RunStopped`), and a decoder that the terminal's Ctrl-C stopped too does not pass for the
+    video's end (the file loop takes any error once `stop()` holds for the run stopping).
     """
     info = probe_video(item.path)
     tracker = FaceTracker(face_restorer.detector, opts.detect_every)
     reporter.file_started(item, info.frame_count)
     found = restored = frames = 0
     size = (round(info.width * opts.upscale), round(info.height * opts.upscale))
-    try:
-        with (
-            VideoWriter(out, info.fps, size, audio_from=item.path if info.has_audio else None) as writer,
-            Prefetch(_chunks(read_video_frames(item.path), opts.video_chunk), name="decode") as chunks,
-            WriteBehind(lambda images: _write_frames(writer, images), name="encode") as encoder,
-        ):
-            for chunk in chunks:
-                if stop():
-                    raise RunStopped(item.path)
-                results = face_restorer.restore_frames(chunk, opts.upscale, opts.only_center_face, detector=tracker)
-                found += sum(r.found for r in results)
-                restored += sum(r.count for r in results)
-                encoder.put([r.image for r in results])
-                frames += len(chunk)
-                reporter.frames_done(len(chunk))
+    with (
+        VideoWriter(out, info.fps, size, audio_from=item.path if info.has_audio else None) as writer,
+        Prefetch(_chunks(read_video_frames(item.path), opts.video_chunk), name="decode") as chunks,
+        WriteBehind(lambda images: _write_frames(writer, images), name="encode") as encoder,
+    ):
+        for chunk in chunks:
             if stop():
                 raise RunStopped(item.path)
-    except Exception as err:
-        if stop() and not isinstance(err, RunStopped):
-            raise RunStopped(item.path) from err
-        raise
+            results = face_restorer.restore_frames(chunk, opts.upscale, opts.only_center_face, detector=tracker)
+            found += sum(r.found for r in results)
+            restored += sum(r.count for r in results)
+            encoder.put([r.image for r in results])
+            frames += len(chunk)
+            reporter.frames_done(len(chunk))
+        if stop():
+            raise RunStopped(item.path)
     summary.frames += frames
     summary.videos += 1
     summary.faces_found += found
@@ -338,11 +333,9 @@ def _restore_items(
                 if len(photos) == face_restorer.batch_size:
                     photos = _flush(face_restorer, photos, opts, summary, reporter, stop)
                 continue  # restore_photos reports it done
-        except RunStopped:
-            return  # the video in hand is dropped, left unfinished
         except Exception as err:  # one broken file must not stop a batch of thousands
-            if stop():
-                return  # e.g. an ffprobe that the terminal's Ctrl-C reached too: left unfinished, not failed
+            if stop():  # a video dropped (RunStopped), or an ffmpeg/ffprobe the Ctrl-C reached too
+                return  # the file in hand is left unfinished, not failed
             record = _failed(item, err)
         record.seconds = time.perf_counter() - t0
         _finished(summary, reporter, record)
