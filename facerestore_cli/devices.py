@@ -68,10 +68,9 @@ def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without it is a clear error."""
     import torch
 
+    check_device(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(NO_CUDA)
+        return torch.device("cuda" if cuda_available() else "cpu")
     return torch.device(device)
 
 

@@ -63,13 +63,12 @@ def _is_excluded(path: Path, exclude: Sequence[Path]) -> bool:
 def _in_output_folder(path: Path, exclude: Sequence[Path]) -> MediaError | None:
     """The error for an input folder that ``exclude`` (the output folder) is, or holds: its files
     are left out, and saying "no images" would hide why."""
-    resolved = path.resolve()
-    if any(resolved == ex for ex in exclude):
-        reason = "the output folder is this input folder: restored files would overwrite or mix with the originals"
-    elif any(ex in resolved.parents for ex in exclude):
-        reason = "this input folder is inside the output folder: restored files would mix with the originals"
-    else:
+    if not _is_excluded(path, exclude):
         return None
+    if path.resolve() in exclude:
+        reason = "the output folder is this input folder: restored files would overwrite or mix with the originals"
+    else:
+        reason = "this input folder is inside the output folder: restored files would mix with the originals"
     return MediaError(path, f"{reason}; choose another output folder")
 
 

@@ -301,8 +301,8 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = method.acc = accelerator(device)
     method.run_dir = run_dir
-    # every generator a step draws from without its own seed: torch's, and Python's and numpy's
-    # (random crops and flips when the data loads in this process); a resume restores all three
+    # every generator drawn from without a seed of its own (the steps and the faces' order have
+    # theirs: step_generator, data.order): torch's, Python's and numpy's; a resume restores all three
     seed_everything(cfg.seed + acc.process_index)
     ckpt = find_checkpoint(run_dir) if resume else None
     method.build(ckpt)
