@@ -52,7 +52,6 @@ from facerestore_cli.train.lrpo_core import (
     GroupPolicyMethod,
     LrpoConfig,
     composite_reward,
-    describe_captions,
     frm_captions,
     ground_truth_trajectory,
     group_advantages,
@@ -66,6 +65,7 @@ from facerestore_cli.train.lrpo_core import (
 from facerestore_cli.train.runner import (
     LORA_FILE,
     RunResult,
+    describe_captions,
     export_final,
     run_training,
     save_model,

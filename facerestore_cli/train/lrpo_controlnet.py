@@ -58,7 +58,6 @@ from facerestore_cli.train.lrpo_core import (
     GroupPolicyMethod,
     LrpoConfig,
     composite_reward,
-    describe_captions,
     frm_captions,
     ground_truth_trajectory,
     group_captions,
@@ -66,7 +65,7 @@ from facerestore_cli.train.lrpo_core import (
     ppo_loss,
     trained_steps,
 )
-from facerestore_cli.train.runner import autocast, whole_face_batches
+from facerestore_cli.train.runner import autocast, describe_captions, whole_face_batches
 
 #: The tuned ControlNet's file in a finished run, the model file naming it, and its sampler preset.
 CONTROLNET_FILE, MODEL_FILE, PRESET = CONTROLNET_FILE, MODEL_FILE, "lrpo"

@@ -245,10 +245,6 @@ def group_captions(captions: list[str] | None, group_size: int) -> list[str] | N
     return None if captions is None else [c for c in captions for _ in range(group_size)]
 
 
-def describe_captions(captions: CaptionLookup | None) -> str:
-    return captions.describe() if captions is not None else "unused (this FRM reads no captions)"
-
-
 class GroupPolicyMethod(TrainingMethod):
     """What LRPO's two methods share (one-step restorers, DiffBIR ControlNets): a runner step is an
     epoch of `rounds_per_epoch` sampling rounds, group advantages over the std of the whole epoch,

@@ -75,6 +75,7 @@ from facerestore_cli.train.runner import (
     TrainingMethod,
     autocast,
     degraded_pair,
+    describe_captions,
     export_final,
     run_training,
     save_model,
@@ -331,7 +332,7 @@ class ReflMethod(TrainingMethod):
         cfg, acc = self.cfg, self.acc
         self.objective, self.opt = acc.prepare(self.objective, self.opt)
         self.batches = whole_face_batches(cfg, acc, start_batch=step, captions=self.captions)  # a batch a step
-        self.setup["captions"] = self.captions.describe() if self.frm.uses_captions else "unused (this FRM reads no captions)"
+        self.setup["captions"] = describe_captions(self.captions if self.frm.uses_captions else None)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         cfg, acc = self.cfg, self.acc

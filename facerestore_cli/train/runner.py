@@ -113,6 +113,11 @@ def whole_face_batches(cfg: LoraTuningConfig, acc, start_batch: int, captions: C
     return face_batches(data, cfg.batch_size, cfg.num_workers, cfg.seed, start_batch, acc)
 
 
+def describe_captions(captions: CaptionLookup | None) -> str:
+    """The run summary's line on the FRM's captions (None: the FRM reads none)."""
+    return captions.describe() if captions is not None else "unused (this FRM reads no captions)"
+
+
 def degraded_pair(
     hq: torch.Tensor, face_size: int, degradation: DegradationConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
